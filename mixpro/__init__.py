@@ -1,0 +1,11 @@
+"""MixPro: MaskMix + Progressive Attention Labeling (ICLR 2023) and TransMix on stock timm models."""
+from .masks import token_membership
+from .mixer import METHODS, Mixer, MixStep
+from .probe import AttentionProbe, AttentionSource, find_attention_source, register_attention_source
+from .targets import attention_lambda, mix_target, pal_lambda, smoothed_one_hot, transmix_lambda
+
+__all__ = [
+    'METHODS', 'Mixer', 'MixStep', 'AttentionProbe', 'AttentionSource', 'find_attention_source',
+    'register_attention_source', 'attention_lambda', 'mix_target', 'pal_lambda', 'smoothed_one_hot',
+    'transmix_lambda', 'token_membership',
+]

@@ -1,0 +1,161 @@
+"""Class-token attention of an unmodified timm model, for attention labels.
+
+The probe hangs a forward pre-hook on the LAST attention layer that has a class token and, only
+when switched on, recomputes that layer's class-token query row in fp32 from the layer's own
+weights: ``softmax(q_cls · kᵀ · scale)``, mean over heads, patch-token columns only, detached.
+Every layer keeps timm's fused attention, and nothing is forked.
+
+    probe = AttentionProbe(model)      # attach once, before torch.compile / DDP / EMA copies
+    probe.enabled = True               # per step: only where a label needs it
+    logits = model(x)
+    attention = probe.attention        # [B, N_patches] fp32, no grad
+
+Families are found by model class; ``register_attention_source`` adds new ones.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.cait import Cait, ClassAttn
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.xcit import Xcit
+
+
+@dataclass
+class AttentionSource:
+    """Where a model's label attention comes from."""
+    layer: nn.Module          # a timm ``Attention`` (CLS is token 0 of a self-attention) or ``ClassAttn``
+    num_prefix_tokens: int    # leading non-patch tokens in the layer's keys (CLS, distillation, registers)
+    token_size: int           # pixels per token side of the attention grid
+
+
+def _patch_size(patch_embed) -> int:
+    size = patch_embed.patch_size
+    return size if isinstance(size, int) else size[0]
+
+
+def _vit_source(model: VisionTransformer) -> Optional[AttentionSource]:
+    if getattr(model, 'cls_token', None) is None:
+        return None
+    layer = model.blocks[-1].attn
+    if type(layer) is not Attention:
+        return None   # rope / diff attention variants compute q·k differently
+    return AttentionSource(layer, model.num_prefix_tokens, _patch_size(model.patch_embed))
+
+
+def _cait_source(model: Cait) -> AttentionSource:
+    return AttentionSource(model.blocks_token_only[-1].attn, 1, _patch_size(model.patch_embed))
+
+
+def _xcit_source(model: Xcit) -> AttentionSource:
+    return AttentionSource(model.cls_attn_blocks[-1].attn, 1, _patch_size(model.patch_embed))
+
+
+_SOURCES: Dict[type, Callable[[nn.Module], Optional[AttentionSource]]] = {
+    VisionTransformer: _vit_source,   # also DeiT distilled (a subclass) and register-token ViTs
+    Cait: _cait_source,
+    Xcit: _xcit_source,
+}
+
+
+def register_attention_source(model_class: type, finder: Callable[[nn.Module], Optional[AttentionSource]]):
+    """Teach the probe a new model family: ``finder(model)`` returns its ``AttentionSource``."""
+    _SOURCES[model_class] = finder
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return cfg.get('architecture') or type(model).__name__
+
+
+def find_attention_source(model: nn.Module) -> AttentionSource:
+    """The label attention layer of ``model``; a clear error for models without a class token."""
+    model = getattr(model, 'module', model)   # DDP / compiled wrappers
+    model = getattr(model, '_orig_mod', model)
+    for cls in type(model).__mro__:
+        if cls in _SOURCES:
+            source = _SOURCES[cls](model)
+            if source is not None:
+                return source
+            break
+    raise ValueError(
+        f'model {model_name(model)!r} has no class-token attention layer the probe can read '
+        f'(supported: {", ".join(c.__name__ for c in _SOURCES)} with a class token); attention labels '
+        f'(TransMix, MixPro) need a class token, use method mixup_cutmix or maskmix for this model')
+
+
+def _cls_query_and_keys(layer: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``q`` of token 0 ``[B, H, 1, D]`` and ``k`` of all tokens ``[B, H, N, D]``."""
+    batch, tokens, _ = x.shape
+    if isinstance(layer, ClassAttn):
+        q = F.linear(x[:, :1], layer.q.weight.float(), _float(layer.q.bias))
+        k = F.linear(x, layer.k.weight.float(), _float(layer.k.bias))
+        heads = layer.num_heads
+    else:   # timm Attention: q, k, v stacked in one qkv projection
+        dim = layer.attn_dim
+        weight, bias = layer.qkv.weight.float(), _float(layer.qkv.bias)
+        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+        k = F.linear(x, weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
+        heads = layer.num_heads
+    q = q.view(batch, 1, heads, -1).transpose(1, 2)
+    k = k.view(batch, tokens, heads, -1).transpose(1, 2)
+    if isinstance(layer, Attention):
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    return q.float(), k.float()
+
+
+def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+def cls_attention(layer: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Class-token attention over patch tokens, ``[B, N_patches]``, from the layer's input ``x``."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        q, k = _cls_query_and_keys(layer, x.float())
+        weights = (q * layer.scale) @ k.transpose(-2, -1)        # [B, H, 1, N]
+        weights = weights.softmax(dim=-1).mean(dim=1)[:, 0]       # [B, N]
+        return weights[:, num_prefix_tokens:]
+
+
+class AttentionProbe:
+    """Captures the class attention of ``model``'s label layer on the forward passes it is enabled for.
+
+    Attach before ``torch.compile``, DDP and EMA copies; switch with ``enabled`` (the hook stays
+    in place, so a compiled graph is reused). While disabled the hook returns at once.
+    """
+
+    def __init__(self, model: nn.Module):
+        source = find_attention_source(model)
+        self.model_name = model_name(getattr(model, 'module', model))
+        self.layer = source.layer
+        self.num_prefix_tokens = source.num_prefix_tokens
+        self.token_size = source.token_size
+        self.enabled = False
+        self.attention: Optional[torch.Tensor] = None
+        self._handle = self.layer.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, layer, args, kwargs):
+        if not self.enabled:
+            return None
+        x = args[0] if args else kwargs['x']
+        self.attention = cls_attention(layer, x, self.num_prefix_tokens)
+        return None
+
+    def remove(self) -> None:
+        """Detach the hook for good (the model is then exactly as it was)."""
+        self._handle.remove()
+        self.enabled = False
+        self.attention = None
+
+    def __deepcopy__(self, memo):
+        # A model deep-copied with the probe attached (timm ModelEmaV3 does this) gets an inert
+        # hook: EMA and evaluation copies must never pay for attention they do not use.
+        return _InertProbe()
+
+
+class _InertProbe:
+    """Stands in for the probe inside a deep copy of the model: the copied hook sees it disabled."""
+    enabled = False

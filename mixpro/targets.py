@@ -1,0 +1,52 @@
+"""Soft targets of mixed images: the area label, the TransMix label and the PAL label.
+
+``lam`` is always the weight of the ORIGINAL image's class, one value per sample.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """``[B, K]`` one-hot rows with label smoothing spread over all K classes (timm's convention)."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    target = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return target.scatter_(1, labels.long().view(-1, 1), on)
+
+
+def mix_target(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
+               num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """``lam * y + (1 - lam) * y_partner`` per sample, both smoothed. ``lam`` is ``[B]``."""
+    lam = lam.view(-1, 1)
+    own = smoothed_one_hot(labels, num_classes, smoothing)
+    other = smoothed_one_hot(partner_labels, num_classes, smoothing)
+    return own * lam + other * (1.0 - lam)
+
+
+def attention_lambda(membership: torch.Tensor, attention: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``λ_attn = Σ m·a / Σ a`` per sample: the share of class attention on original-image tokens."""
+    attention = attention.float()
+    return (membership * attention).sum(1) / attention.sum(1).clamp_min(eps)
+
+
+def transmix_lambda(lam_area: torch.Tensor, lam_attn: torch.Tensor) -> torch.Tensor:
+    """TransMix's label weight: the mean of the area and the attention weights."""
+    return 0.5 * (lam_area + lam_attn)
+
+
+def pal_lambda(logits: torch.Tensor, area_target: torch.Tensor, lam_area: torch.Tensor,
+               lam_attn: torch.Tensor, detach_alpha: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Progressive Attention Labeling: ``λ = α·λ_attn + (1−α)·λ_area``, ``α = cos(softmax(logits), ỹ)``.
+
+    ``α`` measures how far the prediction already agrees with the area label ``ỹ``: the attention
+    label is trusted only as much as the model has learned. With ``detach_alpha=False`` gradients
+    flow through ``α`` into the logits, as in the official MixPro code. Returns ``(λ, α)``.
+    """
+    probs = logits.float().softmax(dim=1)
+    alpha = F.cosine_similarity(probs, area_target.float(), dim=1)
+    if detach_alpha:
+        alpha = alpha.detach()
+    return alpha * lam_attn + (1.0 - alpha) * lam_area, alpha
+
