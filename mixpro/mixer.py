@@ -135,10 +135,11 @@ class Mixer:
     def state_dict(self) -> dict:
         """Generator states, so a resumed run mixes exactly as an uninterrupted one."""
         _, host, gauss_next = self._rng.getstate()
-        return {'host': list(host), 'host_gauss_next': gauss_next,
+        return {'seed': self.seed, 'host': list(host), 'host_gauss_next': gauss_next,
                 'devices': {k: g.get_state() for k, g in self._device_generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.seed = state['seed']   # device generators not yet created start from this seed
         self._rng.setstate((3, tuple(state['host']), state['host_gauss_next']))
         for key, gen_state in state['devices'].items():
             self._generator(torch.device(key)).set_state(gen_state)
