@@ -1,9 +1,10 @@
 """Class-token attention of an unmodified timm model, for attention labels.
 
-The probe hangs a forward pre-hook on the LAST attention layer that has a class token and, only
-when switched on, recomputes that layer's class-token query row in fp32 from the layer's own
-weights: ``softmax(q_cls · kᵀ · scale)``, mean over heads, patch-token columns only, detached.
-Every layer keeps timm's fused attention, and nothing is forked.
+The probe hangs a forward hook on the key projection of the LAST attention layer that has a class
+token and, only when switched on, reads that layer's keys from the projection's output, recomputes
+the class token's query row in fp32 and returns ``softmax(q_cls · kᵀ · scale)`` in fp32, mean over
+heads, patch-token columns only, detached. Every layer keeps timm's fused attention, and nothing is
+forked; the extra work is one query row and one attention row, O(N·C) per sample.
 
     probe = AttentionProbe(model)      # attach once, before torch.compile / DDP / EMA copies
     probe.enabled = True               # per step: only where a label needs it
@@ -13,7 +14,7 @@ Every layer keeps timm's fused attention, and nothing is forked.
 Families are found by model class; ``register_attention_source`` adds new ones.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -87,36 +88,39 @@ def find_attention_source(model: nn.Module) -> AttentionSource:
         f'(TransMix, MixPro) need a class token, use method mixup_cutmix or maskmix for this model')
 
 
-def _cls_query_and_keys(layer: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``q`` of token 0 ``[B, H, 1, D]`` and ``k`` of all tokens ``[B, H, N, D]``."""
-    batch, tokens, _ = x.shape
-    if isinstance(layer, ClassAttn):
-        q = F.linear(x[:, :1], layer.q.weight.float(), _float(layer.q.bias))
-        k = F.linear(x, layer.k.weight.float(), _float(layer.k.bias))
-        heads = layer.num_heads
-    else:   # timm Attention: q, k, v stacked in one qkv projection
-        dim = layer.attn_dim
-        weight, bias = layer.qkv.weight.float(), _float(layer.qkv.bias)
-        q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
-        k = F.linear(x, weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
-        heads = layer.num_heads
-    q = q.view(batch, 1, heads, -1).transpose(1, 2)
-    k = k.view(batch, tokens, heads, -1).transpose(1, 2)
-    if isinstance(layer, Attention):
-        q, k = layer.q_norm(q), layer.k_norm(k)
-    return q.float(), k.float()
+def key_projection(layer: nn.Module) -> nn.Linear:
+    """The linear layer whose output holds the keys: ``k`` of ``ClassAttn``, ``qkv`` of ``Attention``."""
+    return layer.k if isinstance(layer, ClassAttn) else layer.qkv
 
 
 def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()
 
 
-def cls_attention(layer: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """Class-token attention over patch tokens, ``[B, N_patches]``, from the layer's input ``x``."""
+def cls_attention(layer: nn.Module, x: torch.Tensor, projected: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Class-token attention over patch tokens, ``[B, N_patches]`` fp32.
+
+    ``x`` is the layer's input ``[B, N, C]`` and ``projected`` the output of its key projection:
+    the keys are read from there, and only the class token's query row is computed again.
+    """
+    batch, tokens, _ = x.shape
+    heads = layer.num_heads
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        q, k = _cls_query_and_keys(layer, x.float())
-        weights = (q * layer.scale) @ k.transpose(-2, -1)        # [B, H, 1, N]
-        weights = weights.softmax(dim=-1).mean(dim=1)[:, 0]       # [B, N]
+        cls_input = x[:, :1].float()
+        if isinstance(layer, ClassAttn):
+            q = F.linear(cls_input, layer.q.weight.float(), _float(layer.q.bias))
+            k = projected
+        else:   # timm Attention: q, k, v stacked in one qkv projection
+            dim = layer.attn_dim
+            bias = _float(layer.qkv.bias)
+            q = F.linear(cls_input, layer.qkv.weight[:dim].float(), None if bias is None else bias[:dim])
+            k = projected[..., dim:2 * dim]
+        q = q.view(batch, 1, heads, -1).transpose(1, 2)                    # [B, H, 1, D]
+        k = k.float().reshape(batch, tokens, heads, -1).transpose(1, 2)    # [B, H, N, D]
+        if isinstance(layer, Attention):
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        weights = (q * layer.scale) @ k.transpose(-2, -1)                  # [B, H, 1, N]
+        weights = weights.softmax(dim=-1).mean(dim=1)[:, 0]                # [B, N]
         return weights[:, num_prefix_tokens:]
 
 
@@ -135,14 +139,11 @@ class AttentionProbe:
         self.token_size = source.token_size
         self.enabled = False
         self.attention: Optional[torch.Tensor] = None
-        self._handle = self.layer.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._handle = key_projection(self.layer).register_forward_hook(self._capture)
 
-    def _capture(self, layer, args, kwargs):
-        if not self.enabled:
-            return None
-        x = args[0] if args else kwargs['x']
-        self.attention = cls_attention(layer, x, self.num_prefix_tokens)
-        return None
+    def _capture(self, projection, args, output):
+        if self.enabled:
+            self.attention = cls_attention(self.layer, args[0], output, self.num_prefix_tokens)
 
     def remove(self) -> None:
         """Detach the hook for good (the model is then exactly as it was)."""
