@@ -1,0 +1,215 @@
+"""Command-line options and YAML recipes.
+
+Every option has one name: ``--batch-size`` on the command line, ``batch_size`` in YAML (the same
+names as timm's train.py where the meaning is the same). A recipe sets defaults, the command line
+overrides them, and anything unknown or mistyped is an error that names the key.
+"""
+import argparse
+import ast
+import difflib
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from .mixer import METHODS
+
+
+class ConfigError(ValueError):
+    """A recipe or command line that cannot be run as written."""
+
+
+class _KeyValueAction(argparse.Action):
+    """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep:
+                raise ConfigError(f'{option_string} expects key=value pairs, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    flag = argparse.BooleanOptionalAction
+    group = parser.add_argument_group('data')
+    group.add_argument('--data-dir', default='data/digits', help='ImageFolder root with train/ and val/')
+    group.add_argument('--train-split', default='train')
+    group.add_argument('--val-split', default='val')
+    group.add_argument('--num-classes', type=int, default=None, help='default: number of train class folders')
+    group.add_argument('--img-size', type=int, default=None, help='default: the model\'s input size')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction')
+    group.add_argument('--mean', type=float, nargs=3, default=None)
+    group.add_argument('--std', type=float, nargs=3, default=None)
+    group.add_argument('--interpolation', default='', help='eval resize interpolation')
+    group.add_argument('--train-interpolation', default='random')
+    group.add_argument('--batch-size', '-b', type=int, default=128, help='per-process batch size')
+    group.add_argument('--validation-batch-size', type=int, default=None)
+    group.add_argument('--workers', '-j', type=int, default=4)
+    group.add_argument('--pin-mem', action=flag, default=False)
+
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='deit_tiny_patch16_224')
+    group.add_argument('--model-kwargs', nargs='*', action=_KeyValueAction, default={},
+                       help='extra timm create_model arguments, key=value')
+    group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1)
+    group.add_argument('--channels-last', action=flag, default=False)
+    group.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
+                       help='torch.compile backend (bare flag: inductor)')
+
+    group = parser.add_argument_group('optimizer and schedule')
+    group.add_argument('--opt', default='adamw')
+    group.add_argument('--opt-eps', type=float, default=1e-8)
+    group.add_argument('--opt-betas', type=float, nargs=2, default=None)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=0.05)
+    group.add_argument('--clip-grad', type=float, default=None)
+    group.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
+    group.add_argument('--lr', type=float, default=None, help='absolute lr; default: lr_base scaled by global batch')
+    group.add_argument('--lr-base', type=float, default=5e-4)
+    group.add_argument('--lr-base-size', type=int, default=512, help='global batch at which lr = lr_base')
+    group.add_argument('--lr-base-scale', default='linear', choices=['linear', 'sqrt'])
+    group.add_argument('--sched', default='cosine')
+    group.add_argument('--epochs', type=int, default=300)
+    group.add_argument('--warmup-epochs', type=int, default=5)
+    group.add_argument('--warmup-lr', type=float, default=1e-6)
+    group.add_argument('--min-lr', type=float, default=1e-5)
+    group.add_argument('--cooldown-epochs', type=int, default=0)
+    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--decay-rate', type=float, default=0.1)
+    group.add_argument('--grad-accum-steps', type=int, default=1)
+
+    group = parser.add_argument_group('augmentation')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.])
+    group.add_argument('--hflip', type=float, default=0.5)
+    group.add_argument('--vflip', type=float, default=0.0)
+    group.add_argument('--color-jitter', type=float, default=0.3)
+    group.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy; "none" for none')
+    group.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    group.add_argument('--remode', default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--aug-repeats', type=int, default=0, help='repeated augmentation (DeiT: 3)')
+    group.add_argument('--smoothing', type=float, default=0.1)
+
+    group = parser.add_argument_group('mixing (MixPro, TransMix, Mixup/CutMix)')
+    group.add_argument('--mix-method', default='mixpro', choices=list(METHODS))
+    group.add_argument('--mixup', type=float, default=0.8, help='Mixup alpha, 0 = off')
+    group.add_argument('--cutmix', type=float, default=1.0, help='CutMix alpha, 0 = off')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=None,
+                       help='CutMix probability when both are on (default 0.8 transmix, else 0.5)')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0 = never)')
+    group.add_argument('--maskmix-prob', type=float, default=0.5, help='mixpro: probability of MaskMix + PAL')
+    group.add_argument('--maskmix-alpha', type=float, default=1.0)
+    group.add_argument('--mask-cell', type=int, default=64, help='MaskMix cell size in pixels')
+    group.add_argument('--maskmix-lam', default='exact', choices=['exact', 'cells'])
+    group.add_argument('--membership', default='area', choices=['area', 'nearest'])
+    group.add_argument('--pal-smoothing', type=float, default=0.0,
+                       help='label smoothing of the PAL target (official MixPro: none)')
+    group.add_argument('--pal-detach-alpha', action=flag, default=True,
+                       help='stop gradients through PAL alpha (official code: --no-pal-detach-alpha)')
+
+    group = parser.add_argument_group('EMA, precision, run')
+    group.add_argument('--model-ema', action=flag, default=False)
+    group.add_argument('--model-ema-decay', type=float, default=0.99996)
+    group.add_argument('--amp', action=flag, default=False)
+    group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    group.add_argument('--seed', type=int, default=42)
+    group.add_argument('--output', default='output', help='parent folder of run folders')
+    group.add_argument('--experiment', default=None, help='run folder name (default: the config file name)')
+    group.add_argument('--resume', default='auto', help="'auto' (run folder's last checkpoint), a path, or 'none'")
+    group.add_argument('--checkpoint-hist', type=int, default=3, help='best checkpoints kept')
+    group.add_argument('--log-interval', type=int, default=50)
+    group.add_argument('--image-grid-interval', type=int, default=10,
+                       help='epochs between TensorBoard grids of mixed samples (0 = never)')
+    group.add_argument('--device', default=None, help='default: cuda when available, else cpu')
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description='Train a timm model with MixPro, TransMix or Mixup/CutMix.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--config', '-c', default=None,
+                        help="YAML recipe; its keys are these options, plus 'base: other.yaml' to build on another")
+    _add_train_options(parser)
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> dict:
+    return {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+
+
+def _type_error(key: str, value, action: argparse.Action) -> Optional[str]:
+    """Why ``value`` cannot stand for option ``action``, or None when it can."""
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction) or action.const is True:
+        return None if isinstance(value, bool) else 'expects true or false'
+    if isinstance(action, _KeyValueAction):
+        return None if isinstance(value, dict) else 'expects a mapping of keyword arguments'
+    kind = action.type or str
+    if action.nargs not in (None, '?'):
+        if not isinstance(value, (list, tuple)):
+            return f'expects a list of {kind.__name__}'
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            return f'expects {action.nargs} values, got {len(value)}'
+        items = value
+    else:
+        items = [value]
+    for item in items:
+        ok = isinstance(item, bool) is False and (
+            isinstance(item, kind) or (kind is float and isinstance(item, int)))
+        if not ok:
+            return f'expects {kind.__name__}, got {type(item).__name__} {item!r}'
+        if action.choices is not None and item not in action.choices:
+            return f'expects one of {", ".join(map(str, action.choices))}, got {item!r}'
+    return None
+
+
+def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a YAML recipe and check every key and value against the parser's options."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f'config file {path} does not exist')
+    try:
+        recipe = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f'config file {path} is not valid YAML: {err}') from err
+    if not isinstance(recipe, dict):
+        raise ConfigError(f'config file {path} must be a mapping of option: value')
+    base = recipe.pop('base', None)
+    if base is not None:   # a recipe may build on another: its keys override the base's
+        recipe = {**load_recipe(str(file.parent / base), parser), **recipe}
+    options = _options(parser)
+    for key, value in recipe.items():
+        if key not in options:
+            near = difflib.get_close_matches(str(key), list(options), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ''
+            raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        problem = _type_error(key, value, options[key])
+        if problem:
+            raise ConfigError(f"{path}: key '{key}' {problem}")
+        if isinstance(value, tuple):
+            recipe[key] = list(value)
+    return recipe
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Options from the recipe (``--config``) overridden by the command line."""
+    parser = train_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_recipe(known.config, parser))
+    args = parser.parse_args(argv)
+    if args.experiment is None:
+        args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
+    if args.aa in ('none', ''):
+        args.aa = None
+    return args

@@ -1,0 +1,143 @@
+"""One training epoch and one evaluation pass (DESIGN §3: mix -> forward -> relabel -> step)."""
+import math
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
+
+from .distributed import all_reduce_sum
+from .logger import format_eta
+
+
+def unwrap_model(model):
+    """The plain module inside DDP and torch.compile wrappers."""
+    model = getattr(model, '_orig_mod', model)
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def optimizer_step(loss, optimizer, scaler=None, clip_grad=None, clip_mode='norm', parameters=None,
+                   update=True) -> None:
+    """scale -> backward -> (on update) unscale -> clip -> step -> scaler update -> zero_grad.
+
+    Clipping sees true gradient values: with fp16 the scaler unscales them first.
+    """
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    if not update:
+        return
+    if clip_grad is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _Means:
+    """Running sums kept on the device, read back only when printed (no per-step host sync)."""
+
+    def __init__(self, device):
+        self.sums, self.counts, self.device = {}, {}, device
+
+    def add(self, name, value, count=1):
+        if name not in self.sums:
+            self.sums[name] = torch.zeros((), device=self.device)
+            self.counts[name] = 0
+        self.sums[name] += value.detach().float()
+        self.counts[name] += count
+
+    def mean(self, name) -> Optional[float]:
+        return float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None
+
+
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,
+                    ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False):
+    """Train for one epoch; returns ``(metrics, num_updates)``."""
+    model.train()
+    accum = args.grad_accum_steps
+    steps = len(loader)
+    means, samples = _Means(device), None
+    start = time.time()
+    images_seen = 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, target = mixer(x, y)
+        if keep_samples and samples is None:
+            samples = x[:16].detach().float().cpu()
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        update = (i + 1) % accum == 0 or i + 1 == steps
+        no_sync = hasattr(model, 'no_sync') and not update    # DDP: all-reduce only on the update
+        if probe is not None:
+            probe.enabled = mixer.needs_attention
+        with model.no_sync() if no_sync else nullcontext():
+            with amp:
+                logits = model(x)
+                target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
+                loss = loss_fn(logits, target)
+            optimizer_step(loss / accum, optimizer, scaler, args.clip_grad, args.clip_mode,
+                           model.parameters(), update=update)
+        if probe is not None:
+            probe.enabled, probe.attention = False, None
+        if update:
+            num_updates += 1
+            if ema is not None:
+                ema.update(unwrap_model(model), step=num_updates)
+            scheduler.step_update(num_updates=num_updates)
+
+        images_seen += x.shape[0]
+        means.add('loss', loss)
+        step = mixer.last
+        if step.lam_attn is not None:
+            means.add('lam_area', step.lam_area.mean())
+            means.add('lam_attn', step.lam_attn.mean())
+            if step.alpha is not None:
+                means.add('alpha', step.alpha.mean())
+        if is_primary and args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == steps):
+            now = time.time()
+            rate = images_seen * world_size / max(now - start, 1e-9)
+            eta = (now - start) / (i + 1) * (steps - i - 1)
+            print(f'epoch {epoch} [{i + 1:>4d}/{steps} ({100 * (i + 1) / steps:3.0f}%)] '
+                  f'loss {means.mean("loss"):.4f} lr {optimizer.param_groups[0]["lr"]:.3e} '
+                  f'{rate:.0f} img/s eta {format_eta(eta)}', flush=True)
+    elapsed = time.time() - start
+    metrics = {'loss': means.mean('loss'), 'epoch_time_s': elapsed,
+               'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
+               'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),
+               'alpha': means.mean('alpha'), 'samples': samples}
+    return metrics, num_updates
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp=nullcontext()) -> dict:
+    """Top-1, top-5 and cross-entropy over the whole loader, summed over all ranks."""
+    model.eval()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)   # loss sum, top-1 hits, top-5 hits, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp:
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
+        totals += torch.stack([F.cross_entropy(logits, y, reduction='sum').double(),
+                               hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               torch.tensor(float(y.numel()), device=device, dtype=torch.float64)])
+    loss, top1, top5, count = all_reduce_sum(totals).tolist()
+    count = max(count, 1.0)
+    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count,
+            'count': int(count)}
+
+
+def updates_per_epoch(steps: int, accum: int) -> int:
+    return math.ceil(steps / accum)

@@ -1,0 +1,260 @@
+"""A whole training run: build everything from the options, then epoch after epoch."""
+import random
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import timm
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import resolve_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from .checkpoint import CheckpointKeeper, load_checkpoint
+from .config import ConfigError
+from .data import eval_loader, image_folder, num_classes_of, train_loader
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .engine import evaluate, train_one_epoch, updates_per_epoch
+from .logger import RunLogger
+from .mixer import Mixer
+from .probe import AttentionProbe, find_attention_source
+
+NEEDS_ATTENTION = ('transmix', 'mixpro')
+
+
+def build_model(args, num_classes: int):
+    """timm model from the options; ``img_size`` goes to models that size their position embedding."""
+    kwargs = dict(args.model_kwargs or {})
+    common = dict(pretrained=False, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    try:
+        if args.img_size is not None and 'img_size' not in kwargs:
+            try:
+                return timm.create_model(args.model, img_size=args.img_size, **common, **kwargs)
+            except TypeError as err:      # convnets take no img_size: the data config alone sets it
+                if 'img_size' not in str(err):
+                    raise
+        return timm.create_model(args.model, **common, **kwargs)
+    except RuntimeError as err:
+        if 'Unknown model' in str(err):
+            raise ConfigError(f"model '{args.model}' is not a timm model: {err}") from err
+        raise
+
+
+def label_token_size(model) -> int:
+    """Token size of the attention grid (for the MaskMix cell check); patch size where there is none."""
+    try:
+        return find_attention_source(model).token_size
+    except ValueError:
+        size = getattr(getattr(model, 'patch_embed', None), 'patch_size', 1)
+        return size if isinstance(size, int) else size[0]
+
+
+def build_mixer(args, num_classes: int, token_size: int, rank: int) -> Mixer:
+    try:
+        return Mixer(args.mix_method, num_classes=num_classes, label_smoothing=args.smoothing,
+                     mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, switch_prob=args.mixup_switch_prob,
+                     mix_prob=args.mixup_prob, maskmix_prob=args.maskmix_prob, maskmix_alpha=args.maskmix_alpha,
+                     mask_cell=args.mask_cell, token_size=token_size, maskmix_lam=args.maskmix_lam,
+                     membership=args.membership, pal_smoothing=args.pal_smoothing,
+                     pal_detach_alpha=args.pal_detach_alpha, seed=args.seed + rank)
+    except ValueError as err:
+        raise ConfigError(f'mixing options: {err}') from err
+
+
+def resolve_lr(args, world_size: int) -> float:
+    """``lr`` as given, else ``lr_base`` scaled by global batch / ``lr_base_size`` (DeiT: 5e-4 per 512)."""
+    if args.lr is not None:
+        return args.lr
+    ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
+    return args.lr_base * (ratio if args.lr_base_scale == 'linear' else ratio ** 0.5)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ('-dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def save_run_info(run_dir: Path, args, world_size: int) -> None:
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    info = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
+            'torch': str(torch.__version__), 'timm': timm.__version__}
+    (run_dir / 'run_info.yaml').write_text(yaml.safe_dump(info, sort_keys=False))
+
+
+def resume_path(args, run_dir: Path):
+    if args.resume in (None, '', 'none'):
+        return None
+    if args.resume == 'auto':
+        last = run_dir / 'last.pth.tar'
+        return last if last.exists() else None
+    return Path(args.resume)
+
+
+# ---- per-rank random state, so a resumed run continues the same random streams ----------------
+def rank_rng_state(mixer: Mixer) -> dict:
+    state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]),
+             'python_gauss_next': random.getstate()[2], 'mixer': mixer.state_dict()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def gather_rng_states(mixer: Mixer, dist_info: DistInfo) -> list:
+    state = rank_rng_state(mixer)
+    if not dist_info.distributed:
+        return [state]
+    states = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list, mixer: Mixer, dist_info: DistInfo) -> None:
+    if len(states) != dist_info.world_size:
+        print(f'checkpoint has random state for {len(states)} ranks, this run has {dist_info.world_size}: '
+              f'random streams restart from the seed', flush=True)
+        return
+    state = states[dist_info.rank]
+    torch.set_rng_state(state['torch'])
+    random.setstate((3, tuple(state['python']), state['python_gauss_next']))
+    mixer.load_state_dict(state['mixer'])
+    if 'cuda' in state and dist_info.device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def run(args) -> dict:
+    """Train as ``args`` says; returns the final and best evaluation metrics."""
+    dist_info = init_distributed(args.device)
+    device, primary = dist_info.device, dist_info.is_primary
+    run_dir = Path(args.output) / args.experiment
+    try:
+        torch.manual_seed(args.seed + dist_info.rank)
+        random.seed(args.seed + dist_info.rank)
+
+        train_set = image_folder(args.data_dir, args.train_split, is_training=True)
+        val_set = image_folder(args.data_dir, args.val_split, is_training=False)
+        num_classes = args.num_classes or num_classes_of(train_set)
+        args.num_classes = num_classes
+        model = build_model(args, num_classes)
+        data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+        try:
+            probe = AttentionProbe(model) if args.mix_method in NEEDS_ATTENTION else None
+        except ValueError as err:
+            raise ConfigError(f'mix_method {args.mix_method}: {err}') from err
+        mixer = build_mixer(args, num_classes, probe.token_size if probe else label_token_size(model),
+                            dist_info.rank)
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+        lr = resolve_lr(args, dist_info.world_size)
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum, eps=args.opt_eps,
+                                        **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
+        scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
+        ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None   # after the probe
+
+        loader = train_loader(train_set, data_config, args, dist_info)
+        val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
+                                 args.workers, dist_info, args.pin_mem)
+        per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=per_epoch)
+
+        start_epoch, ranking = 0, []
+        checkpoint_path = resume_path(args, run_dir)
+        rng_states = None
+        if checkpoint_path is not None:
+            state = load_checkpoint(checkpoint_path)
+            model.load_state_dict(state['state_dict'])
+            optimizer.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            if scaler is not None and state.get('scaler'):
+                scaler.load_state_dict(state['scaler'])
+            if ema is not None and state.get('state_dict_ema'):
+                ema.module.load_state_dict(state['state_dict_ema'])
+            start_epoch = state['epoch'] + 1
+            ranking = [tuple(r) for r in state.get('checkpoint_ranking', [])]
+            rng_states = state.get('rng_states')
+            if primary:
+                print(f'resumed from {checkpoint_path} at epoch {start_epoch}', flush=True)
+
+        train_model = model
+        if dist_info.distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None)
+        if args.torchcompile:
+            train_model = torch.compile(train_model, backend=args.torchcompile)
+
+        logger = keeper = None
+        if primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_run_info(run_dir, args, dist_info.world_size)
+            logger = RunLogger(run_dir, start_epoch)
+            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, ranking)
+            print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
+                  f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
+                  f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
+        if rng_states is not None:
+            restore_rng_state(rng_states, mixer, dist_info)
+
+        loss_fn = SoftTargetCrossEntropy()
+        num_updates = start_epoch * per_epoch
+        result = {}
+        for epoch in range(start_epoch, num_epochs):
+            if hasattr(loader.sampler, 'set_epoch'):
+                loader.sampler.set_epoch(epoch)
+            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixer.mixup_enabled = False
+            grid_epoch = primary and args.image_grid_interval and epoch % args.image_grid_interval == 0
+            train_metrics, num_updates = train_one_epoch(
+                epoch, train_model, loader, optimizer, loss_fn, mixer, probe, device=device, amp=amp,
+                scaler=scaler, ema=ema, scheduler=scheduler, num_updates=num_updates, args=args,
+                world_size=dist_info.world_size, is_primary=primary, keep_samples=grid_epoch)
+            evals = {'eval': evaluate(model, val_loader, device, amp)}
+            if ema is not None:
+                evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
+            scheduler.step(epoch + 1, evals['eval']['top1'])
+            rng_states = gather_rng_states(mixer, dist_info)
+            if primary:
+                lr_now = optimizer.param_groups[0]['lr']
+                logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
+                logger.log_epoch(epoch, train_metrics, logged, lr_now)
+                if train_metrics['samples'] is not None:
+                    logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'])
+                state = {
+                    'epoch': epoch, 'arch': args.model, 'num_classes': num_classes, 'args': vars(args),
+                    'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
+                    'state_dict_ema': ema.module.state_dict() if ema is not None else None,
+                    'metric': evals['eval']['top1'], 'eval_metrics': logged, 'rng_states': rng_states,
+                }
+                keeper.save(state, epoch, evals['eval']['top1'])
+                ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
+                print(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
+                      f"top-5 {evals['eval']['top5']:.2f}{ema_note}, "
+                      f"{train_metrics['img_per_s']:.0f} img/s", flush=True)
+            barrier()
+            result = {'epoch': epoch, **evals}
+        if primary:
+            logger.close()
+            if keeper.ranking:
+                print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
+        return result
+    finally:
+        cleanup()

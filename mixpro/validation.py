@@ -1,0 +1,82 @@
+"""Evaluate a training checkpoint exactly as training evaluated it."""
+import csv
+import json
+from argparse import Namespace
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from timm.data import resolve_data_config
+
+from .checkpoint import load_checkpoint
+from .data import eval_loader, image_folder, num_classes_of
+from .distributed import cleanup, init_distributed
+from .engine import evaluate
+
+
+def load_model_from_checkpoint(path, model_name=None, use_ema=False):
+    """``(model, training_args)`` rebuilt from a checkpoint written by train.py."""
+    from .training import build_model   # the same construction as training
+    state = load_checkpoint(path)
+    if 'args' not in state or 'state_dict' not in state:
+        raise ValueError(f'checkpoint {path} was not written by train.py (no args / state_dict)')
+    train_args = Namespace(**state['args'])
+    if model_name:
+        train_args.model = model_name
+    weights = state['state_dict']
+    if use_ema:
+        weights = state.get('state_dict_ema')
+        if weights is None:
+            raise ValueError(f'checkpoint {path} holds no EMA weights (trained without --model-ema)')
+    model = build_model(train_args, state['num_classes'])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = ' '.join(str(err).split())[:400]
+        raise ValueError(f'checkpoint {path} does not fit model {train_args.model!r} '
+                         f'({state["num_classes"]} classes): {detail}') from err
+    return model, train_args
+
+
+def write_results(results: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == '.csv':
+        with path.open('w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(results))
+            writer.writeheader()
+            writer.writerow(results)
+    else:
+        path.write_text(json.dumps(results, indent=2) + '\n')
+
+
+def run(args) -> dict:
+    dist_info = init_distributed(args.device)
+    try:
+        model, train_args = load_model_from_checkpoint(args.checkpoint, args.model, args.use_ema)
+        data_dir = args.data_dir or train_args.data_dir
+        dataset = image_folder(data_dir, args.split, is_training=False)
+        classes = num_classes_of(dataset)
+        if classes != train_args.num_classes:
+            raise ValueError(f'checkpoint {args.checkpoint} was trained for {train_args.num_classes} classes '
+                             f'but {Path(data_dir) / args.split} has {classes} class folders')
+        for key in ('img_size', 'crop_pct'):
+            if getattr(args, key) is not None:
+                setattr(train_args, key, getattr(args, key))
+        data_config = resolve_data_config(vars(train_args), model=model)
+        model.to(dist_info.device)
+        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
+        amp = torch.autocast(dist_info.device.type, dtype=getattr(torch, args.amp_dtype)) if args.amp else nullcontext()
+        metrics = evaluate(model, loader, dist_info.device, amp)
+        results = {'checkpoint': str(args.checkpoint), 'model': train_args.model, 'ema': bool(args.use_ema),
+                   'split': str(Path(data_dir) / args.split), 'samples': metrics['count'],
+                   'top1': metrics['top1'], 'top5': metrics['top5'], 'loss': metrics['loss']}
+        if dist_info.is_primary:
+            print(f"{results['model']}{' (EMA)' if args.use_ema else ''} on {results['split']}: "
+                  f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
+                  f"({metrics['count']} images)", flush=True)
+            if args.results_file:
+                write_results(results, args.results_file)
+        return results
+    finally:
+        cleanup()

@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""Compare training runs: one markdown table row per run folder (optionally also a CSV).
+
+    python scripts/compare_runs.py RUN [RUN ...] [--csv FILE] [--sort {none,name,top1,best_top1,ema_top1}]
+
+A RUN is a folder written by train.py (summary.csv, config.yaml, TensorBoard events). A folder
+that is not a run itself is replaced by its run subfolders, so `compare_runs.py output/` compares
+every run below it. Metrics come from summary.csv (timm's format, columns read by name) and from
+the TensorBoard scalars when summary.csv is absent or empty. Broken runs become rows with the
+reason in the note column instead of stopping the report.
+
+`collect_runs(paths)` and `to_markdown(rows)` are meant to be reused by report scripts.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+# TensorBoard scalar tag -> summary.csv column, so both sources feed the same code
+TB_TAGS = {
+    'train/loss': 'train_loss',
+    'eval/top1': 'eval_top1',
+    'eval/top5': 'eval_top5',
+    'eval/loss': 'eval_loss',
+    'eval_ema/top1': 'eval_ema_top1',
+    'eval_ema/top5': 'eval_ema_top5',
+    'train/lr': 'lr',
+}
+
+# every row from collect_runs has these keys, in this order (also the CSV column order)
+FIELDS = ('run', 'path', 'experiment', 'model', 'method', 'epochs_done', 'epochs_planned',
+          'final_top1', 'best_top1', 'best_epoch', 'best_ema_top1', 'final_top5', 'final_train_loss',
+          'unfinished', 'source', 'note')
+
+SORT_KEYS = {'top1': 'final_top1', 'best_top1': 'best_top1', 'ema_top1': 'best_ema_top1'}
+
+
+def _has_events(folder):
+    return any(folder.glob('events.out.tfevents.*'))
+
+
+def is_run_dir(folder):
+    folder = Path(folder)
+    return (folder / 'summary.csv').is_file() or (folder / 'config.yaml').is_file() or _has_events(folder)
+
+
+def expand_paths(paths):
+    """Run folders for the given arguments; a non-run folder stands for its run subfolders."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f'run path does not exist: {p}')
+        if not p.is_dir() or is_run_dir(p):
+            runs.append(p)
+            continue
+        children = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
+        # nothing below it either: keep the folder so it shows up as a row saying why
+        runs.extend(children or [p])
+    return runs
+
+
+def _number(text):
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_summary(path):
+    """{epoch: {column: float}} from a timm summary.csv; a resumed run's repeated epoch keeps its last row."""
+    epochs = {}
+    with open(path, newline='') as f:
+        for row in csv.DictReader(f):
+            epoch = _number(row.get('epoch'))
+            if epoch is None:
+                continue
+            # key None holds surplus cells of a row longer than the header: not addressable by name
+            epochs[int(epoch)] = {k: _number(v) for k, v in row.items() if k not in (None, 'epoch')}
+    return epochs
+
+
+def read_tensorboard(folder):
+    """Same shape as read_summary, from every event file under `folder` (later writes win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    latest = {}  # (column, step) -> (wall_time, value)
+    for file in sorted(Path(folder).rglob('events.out.tfevents.*')):
+        acc = EventAccumulator(str(file), size_guidance={'scalars': 0})  # 0 = keep every point
+        acc.Reload()
+        available = set(acc.Tags().get('scalars', []))
+        for tag, column in TB_TAGS.items():
+            if tag not in available:
+                continue
+            for ev in acc.Scalars(tag):
+                key = (column, int(ev.step))
+                if key not in latest or ev.wall_time >= latest[key][0]:
+                    latest[key] = (ev.wall_time, float(ev.value))
+    epochs = {}
+    for (column, step), (_, value) in latest.items():
+        epochs.setdefault(step, {})[column] = value
+    return epochs
+
+
+def read_config(path):
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ValueError('config.yaml is not a mapping')
+    return cfg
+
+
+def summarize(epochs):
+    """Final/best numbers from {epoch: {column: value}}; None where a column never appears."""
+    order = sorted(epochs)
+
+    def last(column):
+        values = [epochs[e][column] for e in order if epochs[e].get(column) is not None]
+        return values[-1] if values else None
+
+    def best(column):
+        points = [(epochs[e][column], e) for e in order if epochs[e].get(column) is not None]
+        if not points:
+            return None, None
+        top = max(v for v, _ in points)
+        return top, next(e for v, e in points if v == top)  # earliest epoch reaching the best
+
+    best_top1, best_epoch = best('eval_top1')
+    return {
+        # counts rows rather than trusting the epoch base (timm numbers epochs from 0)
+        'epochs_done': len(order),
+        'final_top1': last('eval_top1'),
+        'best_top1': best_top1,
+        'best_epoch': best_epoch,
+        'best_ema_top1': best('eval_ema_top1')[0],
+        'final_top5': last('eval_top5'),
+        'final_train_loss': last('train_loss'),
+    }
+
+
+def _reason(what, error):
+    # one line, so the note fits in a markdown cell (YAML errors span several lines)
+    return f'{what} ({type(error).__name__}: ' + ' '.join(str(error).split()) + ')'
+
+
+def collect_run(folder):
+    folder = Path(folder)
+    row = dict.fromkeys(FIELDS)
+    row.update(run=folder.name or str(folder), path=str(folder), unfinished=False)
+    notes = []
+
+    if not folder.is_dir():
+        row['note'] = 'not a folder'
+        return row
+    if not is_run_dir(folder):
+        row['note'] = 'not a run folder (no summary.csv, config.yaml or TensorBoard events)'
+        return row
+
+    cfg_path = folder / 'config.yaml'
+    if cfg_path.is_file():
+        try:
+            cfg = read_config(cfg_path)
+            row['experiment'] = cfg.get('experiment')
+            row['model'] = cfg.get('model')
+            row['method'] = cfg.get('mix_method')
+            planned = _number(cfg.get('epochs'))
+            row['epochs_planned'] = int(planned) if planned is not None else None
+        except Exception as e:  # report it and still show whatever metrics there are
+            notes.append(_reason('unreadable config.yaml', e))
+    else:
+        notes.append('no config.yaml')
+
+    epochs = {}
+    summary_path = folder / 'summary.csv'
+    has_events = any(folder.rglob('events.out.tfevents.*'))
+    if summary_path.is_file():
+        try:
+            epochs = read_summary(summary_path)
+            row['source'] = 'summary.csv'
+            if not epochs:
+                notes.append('summary.csv has no epochs')
+        except Exception as e:
+            notes.append(_reason('unreadable summary.csv', e))
+    if not epochs and has_events:
+        try:
+            epochs = read_tensorboard(folder)
+            if epochs:
+                row['source'] = 'tensorboard'
+            else:
+                notes.append('no metric scalars in TensorBoard events')
+        except Exception as e:
+            notes.append(_reason('unreadable TensorBoard events', e))
+    if not summary_path.is_file() and not has_events:
+        notes.append('no metrics (no summary.csv or TensorBoard events)')
+
+    if epochs:
+        row.update(summarize(epochs))
+    else:
+        row['epochs_done'] = 0
+    if row['epochs_planned'] is not None and row['epochs_done'] < row['epochs_planned']:
+        row['unfinished'] = True
+        notes.insert(0, 'unfinished')
+    row['note'] = '; '.join(notes) or None
+    return row
+
+
+def collect_runs(paths):
+    """One dict per run (keys: FIELDS). Raises FileNotFoundError for a path that does not exist."""
+    return [collect_run(folder) for folder in expand_paths(paths)]
+
+
+def sort_rows(rows, key):
+    if key in (None, 'none'):
+        return list(rows)
+    if key == 'name':
+        return sorted(rows, key=lambda r: r['run'])
+    field = SORT_KEYS[key]
+    # best first; runs without the number go last
+    return sorted(rows, key=lambda r: (r[field] is None, -(r[field] or 0.0)))
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return ''
+    if isinstance(value, float):
+        return f'{value:.{digits}f}'
+    return str(value).replace('|', '\\|')  # a bare | would split the markdown cell
+
+
+def to_markdown(rows):
+    header = ['run', 'model', 'method', 'epochs', 'top-1 final', 'top-1 best (epoch)',
+              'EMA top-1 best', 'top-5 final', 'train loss', 'note']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for r in rows:
+        planned = r['epochs_planned'] if r['epochs_planned'] is not None else '?'
+        best = _fmt(r['best_top1'])
+        if r['best_epoch'] is not None:
+            best += f' ({r["best_epoch"]})'
+        cells = [_fmt(r['run']), _fmt(r['model']), _fmt(r['method']),
+                 '' if r['epochs_done'] is None else f'{r["epochs_done"]}/{planned}', _fmt(r['final_top1']), best,
+                 _fmt(r['best_ema_top1']), _fmt(r['final_top5']), _fmt(r['final_train_loss'], 4),
+                 _fmt(r['note'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def write_csv(rows, path):
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: '' if r[k] is None else r[k] for k in FIELDS})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('runs', nargs='+', metavar='RUN', help='run folder, or a folder of run folders')
+    parser.add_argument('--csv', metavar='FILE', help='also write every field to this CSV file')
+    parser.add_argument('--sort', default='none', choices=['none', 'name', *SORT_KEYS],
+                        help='row order: as given (none), by name, or by a top-1 column, best first')
+    args = parser.parse_args(argv)
+
+    try:
+        rows = collect_runs(args.runs)
+    except FileNotFoundError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    rows = sort_rows(rows, args.sort)
+    print(to_markdown(rows), end='')
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f'wrote {args.csv}', file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

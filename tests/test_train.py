@@ -1,0 +1,159 @@
+"""End-to-end training, resume, validation and torchrun on tiny generated data (CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+import validate
+from conftest import make_image_folder
+from mixpro import training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ['--model', 'deit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2',
+        'num_heads=2', '--img-size', '16', '--crop-pct', '1.0', '--mask-cell', '8', '--batch-size', '8',
+        '--workers', '0', '--lr', '1e-3', '--warmup-epochs', '1', '--aa', 'none', '--reprob', '0',
+        '--hflip', '0', '--color-jitter', '0', '--log-interval', '2', '--image-grid-interval', '1',
+        '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+def train_args(data_dir, out, experiment, method='mixpro', epochs=2, *extra):
+    return [*TINY, '--data-dir', str(data_dir), '--output', str(out), '--experiment', experiment,
+            '--mix-method', method, '--epochs', str(epochs), *extra]
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def scalar_tags(run_dir):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()['scalars']), set(events.Tags()['images'])
+
+
+@pytest.mark.parametrize('method', ['mixup_cutmix', 'transmix', 'maskmix', 'mixpro'])
+def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method):
+    result = train.main(train_args(data_dir, tmp_path, method, method, 2, '--model-ema',
+                                   '--model-ema-decay', '0.9'))
+    run_dir = tmp_path / method
+    rows = read_summary(run_dir)
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert {'train_loss', 'eval_top1', 'eval_top5', 'eval_loss', 'eval_ema_top1', 'lr'} <= set(rows[0])
+    assert float(rows[-1]['eval_top1']) == pytest.approx(result['eval']['top1'])
+    assert result['eval']['count'] == 18
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'config.yaml', 'run_info.yaml'):
+        assert (run_dir / name).exists(), name
+    assert yaml.safe_load((run_dir / 'config.yaml').read_text())['mix_method'] == method
+    assert 'git_commit' in yaml.safe_load((run_dir / 'run_info.yaml').read_text())
+    scalars, images = scalar_tags(run_dir)
+    assert {'train/loss', 'train/lr', 'train/epoch_time_s', 'train/img_per_s', 'eval/top1', 'eval/top5',
+            'eval_ema/top1'} <= scalars
+    assert 'mix/samples' in images
+    labelled = {'mix/lam_area', 'mix/lam_attn'}
+    assert (labelled <= scalars) == (method in ('transmix', 'mixpro'))
+    assert ('mix/alpha' in scalars) == (method == 'mixpro')
+    state = torch.load(run_dir / 'last.pth.tar', weights_only=True)
+    assert state['epoch'] == 1 and state['state_dict_ema'] is not None
+
+
+def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
+    args = train_args(data_dir, tmp_path, 'straight', 'mixpro', 3, '--model-ema', '--model-ema-decay', '0.9',
+                      '--drop-path', '0.1')
+    train.main(args)
+    straight = torch.load(tmp_path / 'straight' / 'last.pth.tar', weights_only=True)
+
+    crash_args = [a if a != 'straight' else 'crashed' for a in args]
+    real_epoch = training.train_one_epoch
+
+    def crash_in_epoch_two(epoch, *a, **kw):
+        if epoch == 2:
+            raise KeyboardInterrupt('simulated crash')
+        return real_epoch(epoch, *a, **kw)
+    monkeypatch.setattr(training, 'train_one_epoch', crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(crash_args)
+    before = torch.load(tmp_path / 'crashed' / 'last.pth.tar', weights_only=True)   # still loads
+    assert before['epoch'] == 1
+    monkeypatch.setattr(training, 'train_one_epoch', real_epoch)
+    train.main(crash_args)   # --resume auto is the default
+    resumed = torch.load(tmp_path / 'crashed' / 'last.pth.tar', weights_only=True)
+
+    assert resumed['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after resume'
+    assert resumed['scheduler'] == straight['scheduler']
+    assert resumed['metric'] == straight['metric']
+    assert [int(r['epoch']) for r in read_summary(tmp_path / 'crashed')] == [0, 1, 2]
+
+
+def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 2, '--model-ema', '--model-ema-decay', '0.5'))
+    best = tmp_path / 'run' / 'model_best.pth.tar'
+    state = torch.load(best, weights_only=True)
+    out = tmp_path / 'results.json'
+    results = validate.main(['--checkpoint', str(best), '--data-dir', str(data_dir), '--workers', '0',
+                             '--results-file', str(out), '--batch-size', '5'])
+    assert results['top1'] == pytest.approx(state['metric'], abs=1e-6)
+    assert results['samples'] == 18
+    assert json.loads(out.read_text())['top1'] == results['top1']
+    ema = validate.main(['--checkpoint', str(best), '--data-dir', str(data_dir), '--workers', '0', '--use-ema',
+                         '--results-file', str(tmp_path / 'ema.csv')])
+    assert ema['top1'] == pytest.approx(state['eval_metrics']['eval_ema']['top1'], abs=1e-6)
+    assert (tmp_path / 'ema.csv').read_text().startswith('checkpoint,')
+
+
+def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
+    checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
+    other = make_image_folder(tmp_path / 'four_classes', classes=4, train_per_class=1, val_per_class=1)
+    with pytest.raises(SystemExit, match='trained for 3 classes.*has 4 class folders'):
+        validate.main(['--checkpoint', checkpoint, '--data-dir', str(other), '--workers', '0'])
+    state = torch.load(checkpoint, weights_only=True)
+    state['args']['model_kwargs']['depth'] = 3          # weights of 2 blocks for a 3-block model
+    torch.save(state, tmp_path / 'deeper.pth.tar')
+    with pytest.raises(SystemExit, match="deeper.pth.tar does not fit model 'deit_tiny_patch16_224'.*blocks.2"):
+        validate.main(['--checkpoint', str(tmp_path / 'deeper.pth.tar'), '--data-dir', str(data_dir)])
+    with pytest.raises(SystemExit, match='no EMA weights'):
+        validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--use-ema'])
+    with pytest.raises(SystemExit, match='missing.pth.tar does not exist'):
+        validate.main(['--checkpoint', str(tmp_path / 'missing.pth.tar')])
+
+
+def test_attention_methods_refuse_models_without_class_token(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path, 'r', 'transmix', 1)
+    model_kwargs = args.index('--model-kwargs')
+    args = args[:model_kwargs + 1] + args[model_kwargs + 5:]     # resnet18 takes none of the ViT kwargs
+    with pytest.raises(SystemExit, match="mix_method transmix: model 'resnet18'"):
+        train.main([*args, '--model', 'resnet18'])
+
+
+def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    subprocess.run([*launch, str(REPO / 'train.py'), *train_args(data_dir, tmp_path, 'ddp', 'mixpro', 1,
+                                                                '--batch-size', '4')],
+                   check=True, cwd=REPO, env=env, timeout=300)
+    state = torch.load(tmp_path / 'ddp' / 'last.pth.tar', weights_only=True)
+    assert len(state['rng_states']) == 2
+    out = tmp_path / 'ddp_val.json'
+    subprocess.run([*launch, str(REPO / 'validate.py'), '--checkpoint', str(tmp_path / 'ddp' / 'last.pth.tar'),
+                    '--data-dir', str(data_dir), '--workers', '0', '--batch-size', '4', '--device', 'cpu',
+                    '--results-file', str(out)], check=True, cwd=REPO, env=env, timeout=300)
+    results = json.loads(out.read_text())
+    assert results['samples'] == 18            # every image exactly once over both ranks
+    assert results['top1'] == pytest.approx(state['metric'], abs=1e-6)
