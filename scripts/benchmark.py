@@ -146,7 +146,8 @@ def main():
         print(f"\n(b, c) forward, B={args.model_batch_size}, train mode{', bf16' if args.amp else ''}")
         cols = ['forward ms', 'forward + probe ms', 'probe overhead %', 'official-style (unfused) ms',
                 'unfused / ours (fused + probe)']
-        print('| model | ' + ' | '.join(cols) + ' |\n|---' * (len(cols) + 1) + '|')
+        print('| model | ' + ' | '.join(cols) + ' |')
+        print('|---' * (len(cols) + 1) + '|')
         for name, row in results['models'].items():
             print(f'| {name} | ' + ' | '.join(f'{row[c]:.2f}' for c in cols) + ' |')
     Path(args.json).write_text(json.dumps(results, indent=2))
