@@ -4,6 +4,7 @@ Fast checks only (no model is built): every YAML parses with the real option par
 the three recipes of one model differ only in the mixing method, and the shared numbers are the ones
 configs/README.md documents.
 """
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,12 @@ def recipe_path(prefix: str, method: str) -> Path:
 
 
 def resolve(path: Path) -> dict:
-    return vars(parse_train_args(['--config', str(path)]))
+    return dict(_resolve(str(path)))
+
+
+@lru_cache(maxsize=None)
+def _resolve(path: str) -> tuple:
+    return tuple(vars(parse_train_args(['--config', path])).items())
 
 
 def token_size(prefix: str) -> int:
