@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Launch and report the paper's Table 1: 14 models x {baseline, +TransMix, +MixPro} on ImageNet-1k.
+
+    python scripts/table1.py plan [--nodes 1 --gpus-per-node 8] [--data-dir /data/imagenet] [--slurm DIR]
+    python scripts/table1.py report [--runs output/] [--csv table1.csv] [--markdown table1.md]
+
+`plan` prints one launch command per run (42 runs, recipes configs/<model>_<method>.yaml); with
+`--slurm DIR` it writes one sbatch file per run into DIR plus DIR/submit_all.sh. `report` reads the
+run folders output/<model>_<method>/ (via compare_runs.py) and prints Table 1 beside the paper's
+numbers: reproduced top-1 (final and best, EMA best noted), the difference to the paper, and which
+runs are missing or unfinished.
+"""
+import argparse
+import csv
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ('baseline', 'transmix', 'mixpro')
+METHOD_TITLES = {'baseline': 'baseline', 'transmix': '+TransMix', 'mixpro': '+MixPro'}
+
+# Table 1 of MixPro (ICLR 2023), ImageNet-1k top-1 %, in the paper's row order; the baselines are the
+# numbers TransMix (Chen et al., CVPR 2022) reports. (row title, config prefix) -> baseline, TransMix, MixPro
+PAPER = {
+    ('DeiT-T', 'deit_t'): (72.2, 72.6, 73.8),
+    ('PVT-T', 'pvt_t'): (75.1, 75.5, 76.7),
+    ('XCiT-T', 'xcit_t'): (79.4, 80.1, 81.2),
+    ('CA-Swin-T', 'ca_swin_t'): (81.6, 81.8, 82.8),
+    ('CaiT-XXS', 'cait_xxs'): (79.1, 79.8, 80.6),
+    ('DeiT-S', 'deit_s'): (79.8, 80.7, 81.3),
+    ('PVT-S', 'pvt_s'): (79.8, 80.5, 81.2),
+    ('XCiT-S', 'xcit_s'): (82.0, 82.3, 82.9),
+    ('CA-Swin-S', 'ca_swin_s'): (82.8, 83.2, 83.7),
+    ('PVT-M', 'pvt_m'): (81.2, 82.1, 82.7),
+    ('PVT-L', 'pvt_l'): (81.7, 82.4, 82.9),
+    ('XCiT-M', 'xcit_m'): (82.7, 83.4, 84.1),
+    ('DeiT-B', 'deit_b'): (81.8, 82.4, 82.9),
+    ('XCiT-L', 'xcit_l'): (82.9, 83.8, 84.7),
+}
+
+
+def load_compare_runs():
+    spec = importlib.util.spec_from_file_location('compare_runs', REPO / 'scripts' / 'compare_runs.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runs():
+    """``(title, prefix, method, run name)`` for all 42 runs, in table order."""
+    return [(title, prefix, method, f'{prefix}_{method}') for (title, prefix) in PAPER for method in METHODS]
+
+
+# ---- plan -------------------------------------------------------------------------------------
+def launch_command(config: str, args) -> str:
+    train = ['train.py', '--config', config, '--data-dir', args.data_dir, '--output', args.output]
+    if args.nodes > 1:
+        rendezvous = ['--nnodes', str(args.nodes), '--rdzv_backend', 'c10d', '--rdzv_endpoint', '$HEAD_NODE:29500',
+                      '--rdzv_id', Path(config).stem]
+    else:
+        rendezvous = ['--standalone']
+    launcher = ['torchrun', *rendezvous, f'--nproc_per_node={args.gpus_per_node}']
+    return ' '.join(shlex.quote(a) if not a.startswith('$') else a for a in launcher + train)
+
+
+def sbatch_file(run: str, config: str, args) -> str:
+    return '\n'.join([
+        '#!/bin/bash',
+        f'#SBATCH --job-name={run}',
+        f'#SBATCH --nodes={args.nodes}',
+        '#SBATCH --ntasks-per-node=1',
+        f'#SBATCH --gpus-per-node={args.gpus_per_node}',
+        '#SBATCH --cpus-per-task=64',
+        '#SBATCH --time=72:00:00',
+        f'#SBATCH --output=slurm-{run}-%j.out',
+        f'export GPUS_PER_NODE={args.gpus_per_node}',
+        f'cd {shlex.quote(str(REPO))}',
+        f'exec bash scripts/slurm_train.sbatch {shlex.quote(config)} --data-dir {shlex.quote(args.data_dir)} '
+        f'--output {shlex.quote(args.output)}',
+        '',
+    ])
+
+
+def plan(args) -> list:
+    planned = []
+    missing = []
+    for _, _, _, run in runs():
+        config = f'configs/{run}.yaml'
+        if not (REPO / config).is_file():
+            missing.append(config)
+        planned.append((run, config))
+    if missing:
+        sys.exit('error: missing recipes: ' + ', '.join(missing))
+    print(f'# {len(planned)} runs, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) each; global batch = '
+          f'{args.nodes * args.gpus_per_node} x the recipe\'s batch_size (lr follows it where a recipe sets lr_base)')
+    if args.slurm:
+        folder = Path(args.slurm)
+        folder.mkdir(parents=True, exist_ok=True)
+        for run, config in planned:
+            (folder / f'{run}.sbatch').write_text(sbatch_file(run, config, args))
+        submit = ['#!/bin/bash', 'set -e'] + [f'sbatch {shlex.quote(str(folder / f"{run}.sbatch"))}'
+                                              for run, _ in planned]
+        (folder / 'submit_all.sh').write_text('\n'.join(submit) + '\n')
+        print(f'wrote {len(planned)} sbatch files and submit_all.sh to {folder}')
+    for run, config in planned:
+        print(launch_command(config, args))
+    return planned
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _cell(row):
+    """Reproduced top-1 of one run as shown in the table, and its status."""
+    if row is None:
+        return None, 'missing'
+    if row.get('final_top1') is None:
+        return None, row.get('note') or 'no results'
+    if row.get('unfinished'):
+        return row['final_top1'], f"unfinished ({row['epochs_done']}/{row['epochs_planned']} epochs)"
+    return row['final_top1'], 'done'
+
+
+def report_rows(run_rows: dict) -> list:
+    """One dict per (model, method): paper and reproduced numbers."""
+    table = []
+    for (title, prefix), paper in PAPER.items():
+        for method, paper_top1 in zip(METHODS, paper):
+            row = run_rows.get(f'{prefix}_{method}')
+            final, status = _cell(row)
+            table.append({
+                'model': title, 'method': METHOD_TITLES[method], 'run': f'{prefix}_{method}',
+                'paper_top1': paper_top1, 'final_top1': final,
+                'best_top1': row.get('best_top1') if row else None,
+                'best_epoch': row.get('best_epoch') if row else None,
+                'best_ema_top1': row.get('best_ema_top1') if row else None,
+                'delta_final': None if final is None else round(final - paper_top1, 2),
+                'status': status,
+            })
+    return table
+
+
+def _num(value, sign=False):
+    if value is None:
+        return '–'
+    return f'{value:+.2f}' if sign else f'{value:.2f}'
+
+
+def to_markdown(table: list) -> str:
+    lines = ['| model | method | paper | final | Δ paper | best (epoch) | EMA best | status |',
+             '|---|---|---:|---:|---:|---:|---:|---|']
+    for r in table:
+        best = '–' if r['best_top1'] is None else f"{r['best_top1']:.2f} ({r['best_epoch']})"
+        lines.append(f"| {r['model']} | {r['method']} | {r['paper_top1']:.1f} | {_num(r['final_top1'])} | "
+                     f"{_num(r['delta_final'], sign=True)} | {best} | {_num(r['best_ema_top1'])} | {r['status']} |")
+    done = sum(r['status'] == 'done' for r in table)
+    lines.append('')
+    lines.append(f'{done}/{len(table)} runs finished. Paper: MixPro (ICLR 2023) Table 1, baselines as reported '
+                 f'by TransMix. "final" is the last epoch\'s top-1, "Δ paper" = final − paper.')
+    return '\n'.join(lines) + '\n'
+
+
+def report(args) -> list:
+    compare_runs = load_compare_runs()
+    runs_dir = Path(args.runs)
+    if not runs_dir.is_dir():
+        sys.exit(f'error: runs folder {runs_dir} does not exist')
+    wanted = {run for *_, run in runs()}
+    found = [runs_dir / run for run in sorted(wanted) if (runs_dir / run).is_dir()]
+    rows = {row['run']: row for row in compare_runs.collect_runs(found)} if found else {}
+    table = report_rows(rows)
+    markdown = to_markdown(table)
+    print(markdown, end='')
+    if args.markdown:
+        Path(args.markdown).write_text(markdown)
+    if args.csv:
+        with open(args.csv, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest='command', required=True)
+    plan_cmd = commands.add_parser('plan', help='print (or write as sbatch files) the 42 launch commands')
+    plan_cmd.add_argument('--nodes', type=int, default=1)
+    plan_cmd.add_argument('--gpus-per-node', type=int, default=8)
+    plan_cmd.add_argument('--data-dir', default='/data/imagenet')
+    plan_cmd.add_argument('--output', default='output')
+    plan_cmd.add_argument('--slurm', metavar='DIR', default=None, help='write one sbatch file per run here')
+    report_cmd = commands.add_parser('report', help='Table 1 from the run folders, beside the paper')
+    report_cmd.add_argument('--runs', default='output')
+    report_cmd.add_argument('--csv', default=None)
+    report_cmd.add_argument('--markdown', default=None)
+    args = parser.parse_args(argv)
+    return plan(args) if args.command == 'plan' else report(args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,70 @@
+"""scripts/table1.py: the launch plan and the report against the paper's Table 1."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location('table1', REPO / 'scripts' / 'table1.py')
+table1 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table1)
+
+
+def fake_run(root, name, model, method, top1s, planned, ema=None):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / 'config.yaml').write_text(yaml.safe_dump({'model': model, 'mix_method': method, 'epochs': planned}))
+    with open(folder / 'summary.csv', 'w', newline='') as f:
+        fields = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'] + (['eval_ema_top1'] if ema else [])
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for epoch, top1 in enumerate(top1s):
+            row = {'epoch': epoch, 'train_loss': 3.0, 'eval_loss': 1.0, 'eval_top1': top1, 'eval_top5': 90.0,
+                   'lr': 1e-4}
+            if ema:
+                row['eval_ema_top1'] = ema[epoch]
+            writer.writerow(row)
+
+
+def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
+    planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path / 'sbatch')])
+    assert len(planned) == 42 and len({run for run, _ in planned}) == 42
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torchrun')]
+    assert len(commands) == 42
+    assert all('--nnodes 2' in c and '--nproc_per_node=4' in c for c in commands)
+    assert any('configs/ca_swin_s_mixpro.yaml' in c for c in commands)
+    assert len(list((tmp_path / 'sbatch').glob('*.sbatch'))) == 42
+    assert (tmp_path / 'sbatch' / 'submit_all.sh').read_text().count('sbatch ') == 42
+
+
+def test_report_puts_runs_beside_the_paper(tmp_path, capsys):
+    fake_run(tmp_path, 'deit_t_mixpro', 'deit_tiny_patch16_224', 'mixpro', [70.0, 74.1, 73.5], 3,
+             ema=[69.0, 73.0, 74.4])
+    fake_run(tmp_path, 'deit_t_baseline', 'deit_tiny_patch16_224', 'mixup_cutmix', [60.0, 71.0], 3)
+    fake_run(tmp_path, 'pvt_s_transmix', 'pvt_small', 'transmix', [80.9], 1)
+    (tmp_path / 'unrelated_run').mkdir()
+    csv_path = tmp_path / 'table.csv'
+    table = table1.main(['report', '--runs', str(tmp_path), '--csv', str(csv_path)])
+    rows = {r['run']: r for r in table}
+    assert len(table) == 42
+
+    mixpro = rows['deit_t_mixpro']
+    assert mixpro['paper_top1'] == 73.8 and mixpro['final_top1'] == 73.5
+    assert mixpro['best_top1'] == 74.1 and mixpro['best_epoch'] == 1 and mixpro['best_ema_top1'] == 74.4
+    assert mixpro['delta_final'] == pytest.approx(-0.3) and mixpro['status'] == 'done'
+    assert rows['deit_t_baseline']['status'].startswith('unfinished (2/3')
+    assert rows['pvt_s_transmix']['delta_final'] == pytest.approx(0.4)
+    assert rows['xcit_l_mixpro']['status'] == 'missing' and rows['xcit_l_mixpro']['final_top1'] is None
+
+    out = capsys.readouterr().out
+    assert '| DeiT-T | +MixPro | 73.8 | 73.50 | -0.30 | 74.10 (1) | 74.40 | done |' in out
+    assert '2/42 runs finished' in out
+    with open(csv_path) as f:
+        assert len(list(csv.DictReader(f))) == 42
+
+
+def test_report_names_a_missing_runs_folder(tmp_path):
+    with pytest.raises(SystemExit, match='nowhere does not exist'):
+        table1.main(['report', '--runs', str(tmp_path / 'nowhere')])
