@@ -45,10 +45,19 @@ def scalar_tags(run_dir):
     return set(events.Tags()['scalars']), set(events.Tags()['images'])
 
 
-@pytest.mark.parametrize('method', ['mixup_cutmix', 'transmix', 'maskmix', 'mixpro'])
+# each method also exercises one more training path
+EXTRA = {
+    'mixup_cutmix': ['--channels-last'],
+    'transmix': ['--grad-accum-steps', '2', '--clip-grad', '1.0'],
+    'maskmix': ['--amp', '--amp-dtype', 'bfloat16'],
+    'mixpro': ['--torchcompile', 'eager'],
+}
+
+
+@pytest.mark.parametrize('method', list(EXTRA))
 def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method):
     result = train.main(train_args(data_dir, tmp_path, method, method, 2, '--model-ema',
-                                   '--model-ema-decay', '0.9'))
+                                   '--model-ema-decay', '0.9', *EXTRA[method]))
     run_dir = tmp_path / method
     rows = read_summary(run_dir)
     assert [int(r['epoch']) for r in rows] == [0, 1]
