@@ -12,29 +12,25 @@ from typing import List, Optional, Tuple
 import torch
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves a torn file."""
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` into a temp file in the same folder, then rename: a crash never leaves a torn file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_save(obj, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_copy(src: Path, dst: Path) -> None:
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def load_checkpoint(path) -> dict:

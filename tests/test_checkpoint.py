@@ -1,0 +1,47 @@
+"""Checkpoint files: atomic writes and best-k retention."""
+import pytest
+import torch
+
+from mixpro import checkpoint
+from mixpro.checkpoint import CheckpointKeeper, atomic_save, load_checkpoint
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth.tar'
+    atomic_save({'epoch': 1, 'w': torch.ones(3)}, path)
+    real_save = torch.save
+
+    def torn_save(obj, f):
+        real_save({'epoch': 2}, f)
+        with open(f, 'r+b') as handle:
+            handle.truncate(10)                     # half-written file
+        raise OSError('disk full')
+    monkeypatch.setattr(checkpoint.torch, 'save', torn_save)
+    with pytest.raises(OSError, match='disk full'):
+        atomic_save({'epoch': 2}, path)
+    state = load_checkpoint(path)
+    assert state['epoch'] == 1 and torch.equal(state['w'], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']    # no temp file left behind
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / 'bad.pth.tar'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='bad.pth.tar cannot be read'):
+        load_checkpoint(bad)
+
+
+def test_keeper_keeps_the_best_k_and_model_best(tmp_path):
+    keeper = CheckpointKeeper(tmp_path, keep_best=2)
+    for epoch, top1 in enumerate([10.0, 30.0, 20.0, 25.0, 5.0]):
+        keeper.save({'epoch': epoch}, epoch, top1)
+    kept = sorted(p.name for p in tmp_path.glob('checkpoint-*.pth.tar'))
+    assert kept == ['checkpoint-1.pth.tar', 'checkpoint-3.pth.tar']
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1
+    assert load_checkpoint(tmp_path / 'last.pth.tar')['epoch'] == 4
+    assert load_checkpoint(tmp_path / 'last.pth.tar')['checkpoint_ranking'] == [[30.0, 1], [25.0, 3]]
+    resumed = CheckpointKeeper(tmp_path, 2, [(30.0, 1), (25.0, 3)])
+    resumed.save({'epoch': 5}, 5, 40.0)
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth.tar')) == ['checkpoint-1.pth.tar',
+                                                                            'checkpoint-5.pth.tar']
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 5
