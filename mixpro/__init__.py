@@ -1,4 +1,5 @@
 """MixPro: MaskMix + Progressive Attention Labeling (ICLR 2023) and TransMix on stock timm models."""
+from . import models  # registers pvt_* and ca_swin_* with timm and the probe
 from .masks import token_membership
 from .mixer import METHODS, Mixer, MixStep
 from .probe import AttentionProbe, AttentionSource, find_attention_source, register_attention_source

@@ -166,3 +166,17 @@ def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     results = json.loads(out.read_text())
     assert results['samples'] == 18            # every image exactly once over both ranks
     assert results['top1'] == pytest.approx(state['metric'], abs=1e-6)
+
+
+def pvt_args(data_dir, out, experiment, mask_cell):
+    args = train_args(data_dir, out, experiment, 'mixpro', 1)
+    model_kwargs = args.index('--model-kwargs')
+    args = args[:model_kwargs + 1] + ['depths=(1,1,1,1)'] + args[model_kwargs + 5:]
+    return [*args, '--model', 'pvt_tiny', '--img-size', '64', '--mask-cell', str(mask_cell)]
+
+
+def test_pvt_trains_with_mixpro_on_its_32px_token_grid(data_dir, tmp_path):
+    result = train.main(pvt_args(data_dir, tmp_path, 'pvt', 32))
+    assert result['eval']['count'] == 18
+    with pytest.raises(SystemExit, match='mask_cell=16 is not a multiple of token_size=32'):
+        train.main(pvt_args(data_dir, tmp_path, 'pvt_bad', 16))

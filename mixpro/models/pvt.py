@@ -25,10 +25,11 @@ Dropout follows timm's convention: ``drop_rate`` is the classifier dropout, ``pr
 MLP / projection dropout, ``pos_drop_rate`` the dropout after adding position embeddings (the
 original code uses one ``drop_rate`` for all three; PVT is trained with 0 for all of them).
 
-Parameter counts at num_classes=1000 (checked in tests/test_models.py), vs. PVT Table 1 / MixPro
-Table 1: Tiny 13.23M (13.2M), Small 24.49M (24.5M), Medium 44.21M (44.2M), Large 61.36M (61.4M).
+Parameter counts at num_classes=1000, 224 px (tests/test_models.py checks them within 1 %), vs. PVT
+Table 1 = MixPro Table 1: Tiny 13,229,288 (13.2M), Small 24,485,864 (24.5M), Medium 44,208,104 (44.2M),
+Large 61,369,320 (61.4M).
 """
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
