@@ -24,6 +24,7 @@ from timm.models.cait import ClassAttn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixpro import AttentionProbe, Mixer  # noqa: E402
+from mixpro.probe import cls_attention, key_projection  # noqa: E402
 
 MODELS = ('deit_small_patch16_224', 'cait_xxs36_224', 'xcit_small_12_p16_224')
 
@@ -65,13 +66,19 @@ def bench_mixers(args, device):
         'ours mixpro (+relabel)': Mixer('mixpro', **ours_kw),
         'ours maskmix+PAL (+relabel)': Mixer('mixpro', maskmix_prob=1.0, **ours_kw),
     }
-    rows = {}
+    steps = {}
     for name, mixer in candidates.items():
         def step(mixer=mixer):
             mixed, target = mixer(x, y)   # in place, like timm: the values drift, the cost does not
             if isinstance(mixer, Mixer):
                 mixer.relabel(logits, attention if mixer.needs_attention else None)
-        rows[name] = median_ms(step, device, args.repeats)
+        steps[name] = step
+    # interleave the candidates so drift in machine load hits all of them alike
+    per_round = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            per_round[name].append(median_ms(step, device, args.repeats))
+    rows = {name: statistics.median(times) for name, times in per_round.items()}
     rows['ratio maskmix / timm cutmix'] = rows['ours maskmix'] / rows['timm Mixup (cutmix mode)']
     rows['ratio cutmix / timm cutmix'] = rows['ours cutmix'] / rows['timm Mixup (cutmix mode)']
     rows['ratio mixup / timm mixup'] = rows['ours mixup'] / rows['timm Mixup (mixup mode)']
@@ -89,7 +96,7 @@ def bench_models(args, device):
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     for name in args.models:
-        model = timm.create_model(name).to(device).train()
+        model = timm.create_model(name, img_size=args.img_size).to(device).train()
         probe = AttentionProbe(model)
 
         def forward():
@@ -107,9 +114,20 @@ def bench_models(args, device):
             unfused.append(median_ms(forward, device, args.repeats, warmup=1))
             set_fused_attention(model, True)
         plain, probed, unfused = map(statistics.median, (plain, probed, unfused))
+        # the probe's own work, timed alone on the captured layer input: the end-to-end difference
+        # above is within run-to-run noise on a busy CPU
+        captured = {}
+        handle = key_projection(probe.layer).register_forward_hook(
+            lambda m, a, out: captured.update(x=a[0].detach(), out=out.detach()))
+        with torch.no_grad(), amp:
+            model(x)
+        handle.remove()
+        probe_only = median_ms(lambda: cls_attention(probe.layer, captured['x'], captured['out'],
+                                                     probe.num_prefix_tokens), device, 50)
         rows[name] = {
             'forward ms': plain, 'forward + probe ms': probed,
-            'probe overhead %': 100 * (probed - plain) / plain,
+            'probe overhead % (end to end)': 100 * (probed - plain) / plain,
+            'probe alone ms': probe_only, 'probe overhead % (probe alone / forward)': 100 * probe_only / plain,
             'official-style (unfused) ms': unfused, 'unfused / ours (fused + probe)': unfused / probed,
         }
         del model, probe
@@ -123,7 +141,7 @@ def main():
     parser.add_argument('--model-batch-size', type=int, default=None, help='forward batch (default 128 on GPU, 16 on CPU)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=10)
-    parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds per model')
+    parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds of every candidate')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for the model forwards')
     parser.add_argument('--models', nargs='+', default=list(MODELS))
     parser.add_argument('--skip-models', action='store_true')
@@ -144,7 +162,8 @@ def main():
     if not args.skip_models:
         results['models'] = bench_models(args, device)
         print(f"\n(b, c) forward, B={args.model_batch_size}, train mode{', bf16' if args.amp else ''}")
-        cols = ['forward ms', 'forward + probe ms', 'probe overhead %', 'official-style (unfused) ms',
+        cols = ['forward ms', 'forward + probe ms', 'probe overhead % (end to end)', 'probe alone ms',
+                'probe overhead % (probe alone / forward)', 'official-style (unfused) ms',
                 'unfused / ours (fused + probe)']
         print('| model | ' + ' | '.join(cols) + ' |')
         print('|---' * (len(cols) + 1) + '|')
