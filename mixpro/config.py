@@ -23,7 +23,7 @@ class _KeyValueAction(argparse.Action):
     """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = {}
+        kwargs = dict(getattr(namespace, self.dest, None) or {})   # merge into the recipe's, not replace
         for item in values:
             key, sep, value = item.partition('=')
             if not sep:
@@ -173,9 +173,27 @@ def _type_error(key: str, value, action: argparse.Action) -> Optional[str]:
     return None
 
 
-def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
+def _coerce(value, action: argparse.Action):
+    """YAML reads ``5e-4`` (no dot) as a string, and a bare ``true`` for an optional-value flag:
+    turn those into what the command line would have given."""
+    if action.nargs == '?' and action.const is not None and isinstance(value, bool):
+        return action.const if value else None
+    kind = action.type
+    if kind in (int, float):
+        items = value if isinstance(value, list) else [value]
+        try:
+            items = [kind(v) if isinstance(v, str) else v for v in items]
+        except ValueError:
+            return value          # reported by _type_error with the key's name
+        return items if isinstance(value, list) else items[0]
+    return value
+
+
+def load_recipe(path: str, parser: argparse.ArgumentParser, _chain=()) -> dict:
     """Read a YAML recipe and check every key and value against the parser's options."""
     file = Path(path)
+    if file.resolve() in _chain:
+        raise ConfigError(f'config file {path} includes itself through base:')
     if not file.is_file():
         raise ConfigError(f'config file {path} does not exist')
     try:
@@ -186,13 +204,14 @@ def load_recipe(path: str, parser: argparse.ArgumentParser) -> dict:
         raise ConfigError(f'config file {path} must be a mapping of option: value')
     base = recipe.pop('base', None)
     if base is not None:   # a recipe may build on another: its keys override the base's
-        recipe = {**load_recipe(str(file.parent / base), parser), **recipe}
+        recipe = {**load_recipe(str(file.parent / base), parser, _chain + (file.resolve(),)), **recipe}
     options = _options(parser)
     for key, value in recipe.items():
         if key not in options:
             near = difflib.get_close_matches(str(key), list(options), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ''
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
+        value = recipe[key] = _coerce(value, options[key])
         problem = _type_error(key, value, options[key])
         if problem:
             raise ConfigError(f"{path}: key '{key}' {problem}")

@@ -38,11 +38,17 @@ def num_classes_of(dataset) -> int:
 
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     """timm's training loader: augmentation, random erasing, repeated-aug / distributed sampler."""
+    aug_repeats = args.aug_repeats
+    if aug_repeats and not dist_info.distributed:
+        # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
+        print(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it',
+              flush=True)
+        aug_repeats = 0
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
         hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=args.aug_repeats, interpolation=args.train_interpolation,
+        num_aug_repeats=aug_repeats, interpolation=args.train_interpolation,
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
         distributed=dist_info.distributed, pin_memory=args.pin_mem, device=dist_info.device,
         use_prefetcher=dist_info.device.type == 'cuda', persistent_workers=args.workers > 0)

@@ -77,6 +77,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         update = (i + 1) % accum == 0 or i + 1 == steps
+        group = accum if i < steps - steps % accum else steps % accum   # the last group may be short
         no_sync = hasattr(model, 'no_sync') and not update    # DDP: all-reduce only on the update
         if probe is not None:
             probe.enabled = mixer.needs_attention
@@ -85,7 +86,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
                 logits = model(x)
                 target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
                 loss = loss_fn(logits, target)
-            optimizer_step(loss / accum, optimizer, scaler, args.clip_grad, args.clip_mode,
+            optimizer_step(loss / group, optimizer, scaler, args.clip_grad, args.clip_mode,
                            model.parameters(), update=update)
         if probe is not None:
             probe.enabled, probe.attention = False, None
@@ -122,8 +123,10 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
 def evaluate(model, loader, device, amp=nullcontext()) -> dict:
     """Top-1, top-5 and cross-entropy over the whole loader, summed over all ranks."""
     model.eval()
-    totals = torch.zeros(4, device=device, dtype=torch.float64)   # loss sum, top-1 hits, top-5 hits, count
+    totals = torch.zeros(3, device=device, dtype=torch.float64)   # loss sum, top-1 hits, top-5 hits
+    count = 0                                                        # counted on the host: no copy per batch
     for x, y in loader:
+        count += y.numel()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with amp:
             logits = model(x)
@@ -131,8 +134,8 @@ def evaluate(model, loader, device, amp=nullcontext()) -> dict:
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
         totals += torch.stack([F.cross_entropy(logits, y, reduction='sum').double(),
-                               hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                               torch.tensor(float(y.numel()), device=device, dtype=torch.float64)])
+                               hits[:, 0].sum().double(), hits.any(1).sum().double()])
+    totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64, device=device)])
     loss, top1, top5, count = all_reduce_sum(totals).tolist()
     count = max(count, 1.0)
     return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count,

@@ -37,10 +37,12 @@ def cells_to_pixels(cells: torch.Tensor, cell: int, height: int, width: int) -> 
 
 
 def visible_cell_area(grid: Tuple[int, int], cell: int, height: int, width: int, device=None) -> torch.Tensor:
-    """``[Gh*Gw]`` fraction of the image each cell covers once the grid is cropped at the border."""
+    """``[Gh*Gw]`` fraction of the image each cell covers once the grid is cropped at the border.
+
+    Built on the device from ``arange`` (a tensor made from a Python list would be a blocking copy)."""
     gh, gw = grid
-    rows = torch.tensor([min(cell, height - i * cell) for i in range(gh)], dtype=torch.float32, device=device)
-    cols = torch.tensor([min(cell, width - j * cell) for j in range(gw)], dtype=torch.float32, device=device)
+    rows = (height - cell * torch.arange(gh, device=device)).clamp(max=cell).float()
+    cols = (width - cell * torch.arange(gw, device=device)).clamp(max=cell).float()
     return (rows[:, None] * cols[None, :]).flatten() / float(height * width)
 
 

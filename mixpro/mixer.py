@@ -127,7 +127,8 @@ class Mixer:
 
     # ---- randomness -------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
+        # keyed by device type: a process mixes on one device, and a resumed rank may sit on another index
+        key = torch.device(device).type
         if key not in self._device_generators:
             self._device_generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._device_generators[key]

@@ -87,10 +87,33 @@ def git_commit() -> str:
 
 
 def save_run_info(run_dir: Path, args, world_size: int) -> None:
-    (run_dir / 'config.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+    # without 'config', so the file can itself be passed to --config
+    resolved = {k: v for k, v in vars(args).items() if k != 'config'}
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(resolved, sort_keys=False))
     info = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
             'torch': str(torch.__version__), 'timm': timm.__version__}
     (run_dir / 'run_info.yaml').write_text(yaml.safe_dump(info, sort_keys=False))
+
+
+# options that may change between a run and its resumption; any other difference is another run
+RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
+                     'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
+                     'checkpoint_hist', 'torchcompile', 'channels_last'}
+
+
+def check_same_run(saved: dict, args, path: Path) -> None:
+    """Refuse to resume a checkpoint of a differently configured run into this one."""
+    current = vars(args)
+    differing = sorted(k for k in saved if k not in RESUMABLE_CHANGES and k in current
+                       and _comparable(saved[k]) != _comparable(current[k]))
+    if differing:
+        details = ', '.join(f'{k}: {saved[k]!r} -> {current[k]!r}' for k in differing[:6])
+        raise ConfigError(f'{path} belongs to a run with other settings ({details}); give this run its own '
+                          f'--experiment, or --resume none to start it afresh')
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def resume_path(args, run_dir: Path):
@@ -139,14 +162,16 @@ def run(args) -> dict:
     device, primary = dist_info.device, dist_info.is_primary
     run_dir = Path(args.output) / args.experiment
     try:
-        torch.manual_seed(args.seed + dist_info.rank)
-        random.seed(args.seed + dist_info.rank)
-
+        if args.checkpoint_hist < 1:
+            raise ConfigError(f'checkpoint_hist must be >= 1, got {args.checkpoint_hist}')
         train_set = image_folder(args.data_dir, args.train_split, is_training=True)
         val_set = image_folder(args.data_dir, args.val_split, is_training=False)
         num_classes = args.num_classes or num_classes_of(train_set)
         args.num_classes = num_classes
+        torch.manual_seed(args.seed)   # the same initial weights on every rank (and so the same EMA)
         model = build_model(args, num_classes)
+        torch.manual_seed(args.seed + dist_info.rank)   # from here on each rank draws its own randomness
+        random.seed(args.seed + dist_info.rank)
         data_config = resolve_data_config(vars(args), model=model, verbose=primary)
         try:
             probe = AttentionProbe(model) if args.mix_method in NEEDS_ATTENTION else None
@@ -165,7 +190,6 @@ def run(args) -> dict:
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
         scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
-        ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None   # after the probe
 
         loader = train_loader(train_set, data_config, args, dist_info)
         val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
@@ -179,20 +203,26 @@ def run(args) -> dict:
         start_epoch, ranking = 0, []
         checkpoint_path = resume_path(args, run_dir)
         rng_states = None
+        state = {}
         if checkpoint_path is not None:
             state = load_checkpoint(checkpoint_path)
+            check_same_run(state.get('args', {}), args, checkpoint_path)
             model.load_state_dict(state['state_dict'])
             optimizer.load_state_dict(state['optimizer'])
             scheduler.load_state_dict(state['scheduler'])
             if scaler is not None and state.get('scaler'):
                 scaler.load_state_dict(state['scaler'])
-            if ema is not None and state.get('state_dict_ema'):
-                ema.module.load_state_dict(state['state_dict_ema'])
             start_epoch = state['epoch'] + 1
             ranking = [tuple(r) for r in state.get('checkpoint_ranking', [])]
             rng_states = state.get('rng_states')
             if primary:
                 print(f'resumed from {checkpoint_path} at epoch {start_epoch}', flush=True)
+
+        ema = None
+        if args.model_ema:   # after the probe (its deep copy gets an inert hook) and the resumed weights
+            ema = ModelEmaV3(model, decay=args.model_ema_decay)
+            if state.get('state_dict_ema'):
+                ema.module.load_state_dict(state['state_dict_ema'])
 
         train_model = model
         if dist_info.distributed:
@@ -229,10 +259,10 @@ def run(args) -> dict:
             evals = {'eval': evaluate(model, val_loader, device, amp)}
             if ema is not None:
                 evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
+            lr_now = optimizer.param_groups[0]['lr']   # the lr this epoch trained with
             scheduler.step(epoch + 1, evals['eval']['top1'])
             rng_states = gather_rng_states(mixer, dist_info)
             if primary:
-                lr_now = optimizer.param_groups[0]['lr']
                 logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
                 logger.log_epoch(epoch, train_metrics, logged, lr_now)
                 if train_metrics['samples'] is not None:

@@ -14,7 +14,7 @@ from .distributed import cleanup, init_distributed
 from .engine import evaluate
 
 
-def load_model_from_checkpoint(path, model_name=None, use_ema=False):
+def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=None):
     """``(model, training_args)`` rebuilt from a checkpoint written by train.py."""
     from .training import build_model   # the same construction as training
     state = load_checkpoint(path)
@@ -23,6 +23,8 @@ def load_model_from_checkpoint(path, model_name=None, use_ema=False):
     train_args = Namespace(**state['args'])
     if model_name:
         train_args.model = model_name
+    if img_size is not None:   # before building: ViTs size their position embedding from it
+        train_args.img_size = img_size
     weights = state['state_dict']
     if use_ema:
         weights = state.get('state_dict_ema')
@@ -53,16 +55,15 @@ def write_results(results: dict, path: Path) -> None:
 def run(args) -> dict:
     dist_info = init_distributed(args.device)
     try:
-        model, train_args = load_model_from_checkpoint(args.checkpoint, args.model, args.use_ema)
+        model, train_args = load_model_from_checkpoint(args.checkpoint, args.model, args.use_ema, args.img_size)
         data_dir = args.data_dir or train_args.data_dir
         dataset = image_folder(data_dir, args.split, is_training=False)
         classes = num_classes_of(dataset)
         if classes != train_args.num_classes:
             raise ValueError(f'checkpoint {args.checkpoint} was trained for {train_args.num_classes} classes '
                              f'but {Path(data_dir) / args.split} has {classes} class folders')
-        for key in ('img_size', 'crop_pct'):
-            if getattr(args, key) is not None:
-                setattr(train_args, key, getattr(args, key))
+        if args.crop_pct is not None:
+            train_args.crop_pct = args.crop_pct
         data_config = resolve_data_config(vars(train_args), model=model)
         model.to(dist_info.device)
         loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)

@@ -132,8 +132,8 @@ def summarize(epochs):
 
     best_top1, best_epoch = best('eval_top1')
     return {
-        # counts rows rather than trusting the epoch base (timm numbers epochs from 0)
-        'epochs_done': len(order),
+        # train.py numbers epochs from 0; a run resumed into a new folder lacks the early rows
+        'epochs_done': int(max(order)) + 1 if order else 0,
         'final_top1': last('eval_top1'),
         'best_top1': best_top1,
         'best_epoch': best_epoch,

@@ -76,7 +76,8 @@ def sbatch_file(run: str, config: str, args) -> str:
         '#SBATCH --time=72:00:00',
         f'#SBATCH --output=slurm-{run}-%j.out',
         f'export GPUS_PER_NODE={args.gpus_per_node}',
-        f'cd {shlex.quote(str(REPO))}',
+        f'export MIXPRO_REPO={shlex.quote(str(REPO))}',
+        f'cd "$MIXPRO_REPO"',
         f'exec bash scripts/slurm_train.sbatch {shlex.quote(config)} --data-dir {shlex.quote(args.data_dir)} '
         f'--output {shlex.quote(args.output)}',
         '',

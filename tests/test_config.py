@@ -63,3 +63,19 @@ def test_command_line_values_are_checked_too():
 def test_quickstart_recipes_parse(recipe):
     args = parse_train_args(['--config', str(recipe)])
     assert args.model and args.mask_cell % 4 == 0
+
+
+def test_yaml_quirks_read_as_the_command_line_would(tmp_path):
+    recipe = write(tmp_path, 'lr: 5e-4\nscale: [8e-2, 1]\ntorchcompile: true\nmodel_kwargs: {depth: 2, patch_size: 4}\n')
+    args = parse_train_args(['--config', recipe, '--model-kwargs', 'depth=6'])
+    assert args.lr == 5e-4 and args.scale == [0.08, 1.0]       # YAML reads 5e-4 (no dot) as a string
+    assert args.torchcompile == 'inductor'
+    assert args.model_kwargs == {'depth': 6, 'patch_size': 4}   # the command line merges into the recipe's
+    assert parse_train_args(['--config', write(tmp_path, 'torchcompile: false\n', 'b.yaml')]).torchcompile is None
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path, 'base: b.yaml\n', 'a.yaml')
+    write(tmp_path, 'base: a.yaml\n', 'b.yaml')
+    with pytest.raises(ConfigError, match='includes itself'):
+        parse_train_args(['--config', str(tmp_path / 'a.yaml')])

@@ -15,6 +15,7 @@ import train
 import validate
 from conftest import make_image_folder
 from mixpro import training
+from mixpro.config import parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['--model', 'deit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2',
@@ -47,7 +48,7 @@ def scalar_tags(run_dir):
 
 # each method also exercises one more training path
 EXTRA = {
-    'mixup_cutmix': ['--channels-last'],
+    'mixup_cutmix': ['--channels-last', '--aug-repeats', '3'],   # repeated aug needs DDP: skipped, said
     'transmix': ['--grad-accum-steps', '2', '--clip-grad', '1.0'],
     'maskmix': ['--amp', '--amp-dtype', 'bfloat16'],
     'mixpro': ['--torchcompile', 'eager'],
@@ -77,6 +78,9 @@ def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method
     assert ('mix/alpha' in scalars) == (method == 'mixpro')
     state = torch.load(run_dir / 'last.pth.tar', weights_only=True)
     assert state['epoch'] == 1 and state['state_dict_ema'] is not None
+    assert float(rows[0]['lr']) == pytest.approx(1e-6)     # epoch 0 trained at the warmup lr
+    again = parse_train_args(['--config', str(run_dir / 'config.yaml')])   # the saved config is a recipe
+    assert again.mix_method == method and again.model_kwargs == state['args']['model_kwargs']
 
 
 def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
@@ -108,6 +112,18 @@ def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_
     assert resumed['scheduler'] == straight['scheduler']
     assert resumed['metric'] == straight['metric']
     assert [int(r['epoch']) for r in read_summary(tmp_path / 'crashed')] == [0, 1, 2]
+
+
+def test_auto_resume_refuses_a_run_with_other_settings(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 1))
+    with pytest.raises(SystemExit, match=r"other settings \(mix_method: 'transmix' -> 'mixpro', seed: 42 -> 1\)"):
+        train.main([*train_args(data_dir, tmp_path, 'run', 'mixpro', 2), '--seed', '1'])
+    assert read_summary(tmp_path / 'run')[0]['epoch'] == '0'
+    assert yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text())['mix_method'] == 'transmix'
+    train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 2))        # more epochs: allowed
+    assert [int(r['epoch']) for r in read_summary(tmp_path / 'run')] == [0, 1]
+    with pytest.raises(SystemExit, match='checkpoint_hist must be >= 1'):
+        train.main([*train_args(data_dir, tmp_path, 'other', 'transmix', 1), '--checkpoint-hist', '0'])
 
 
 def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
@@ -155,7 +171,8 @@ def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     subprocess.run([*launch, str(REPO / 'train.py'), *train_args(data_dir, tmp_path, 'ddp', 'mixpro', 1,
-                                                                '--batch-size', '4')],
+                                                                '--batch-size', '4', '--aug-repeats', '2',
+                                                                '--grad-accum-steps', '2')],
                    check=True, cwd=REPO, env=env, timeout=300)
     state = torch.load(tmp_path / 'ddp' / 'last.pth.tar', weights_only=True)
     assert len(state['rng_states']) == 2
