@@ -2,6 +2,7 @@
 import random
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .config import ConfigError
 from .data import eval_loader, image_folder, num_classes_of, train_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import evaluate, train_one_epoch, updates_per_epoch
-from .logger import RunLogger
+from .logger import RunLogger, format_eta
 from .mixer import Mixer
 from .probe import AttentionProbe, find_attention_source
 
@@ -246,6 +247,7 @@ def run(args) -> dict:
         loss_fn = SoftTargetCrossEntropy()
         num_updates = start_epoch * per_epoch
         result = {}
+        run_start = time.time()
         for epoch in range(start_epoch, num_epochs):
             if hasattr(loader.sampler, 'set_epoch'):
                 loader.sampler.set_epoch(epoch)
@@ -276,9 +278,10 @@ def run(args) -> dict:
                 }
                 keeper.save(state, epoch, evals['eval']['top1'])
                 ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
+                run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
                 print(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
-                      f"top-5 {evals['eval']['top5']:.2f}{ema_note}, "
-                      f"{train_metrics['img_per_s']:.0f} img/s", flush=True)
+                      f"top-5 {evals['eval']['top5']:.2f}{ema_note}, {train_metrics['img_per_s']:.0f} img/s, "
+                      f"run eta {format_eta(run_eta)}", flush=True)
             barrier()
             result = {'epoch': epoch, **evals}
         if primary:
