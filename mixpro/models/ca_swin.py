@@ -43,13 +43,13 @@ from typing import Any, Dict, Optional, Set
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.cait import LayerScaleBlockClassAttn
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 from ..probe import AttentionSource, register_attention_source
+from ._cfg import from_scratch_cfg
 
 __all__ = ['CaSwinTransformer']
 
@@ -166,19 +166,9 @@ def _create_ca_swin(variant: str, pretrained: bool = False, **kwargs) -> CaSwinT
         **kwargs)
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc', **kwargs,
-    }
-
-
-# no weights: trained from scratch, nothing is ever downloaded
 default_cfgs = generate_default_cfgs({
-    'ca_swin_tiny': _cfg(),
-    'ca_swin_small': _cfg(),
+    name: from_scratch_cfg(first_conv='patch_embed.proj', classifier='head.fc', fixed_input_size=True)
+    for name in ('ca_swin_tiny', 'ca_swin_small')
 })
 
 

@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..probe import AttentionSource, register_attention_source
+from ._cfg import from_scratch_cfg
 
 __all__ = ['PyramidVisionTransformer', 'SpatialReductionAttention']
 
@@ -329,21 +329,9 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisi
     return build_model_with_cfg(PyramidVisionTransformer, variant, pretrained, **kwargs)
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stages.0.patch_embed.proj', 'classifier': 'head', **kwargs,
-    }
-
-
-# no weights: these are trained from scratch, nothing is ever downloaded
 default_cfgs = generate_default_cfgs({
-    'pvt_tiny': _cfg(),
-    'pvt_small': _cfg(),
-    'pvt_medium': _cfg(),
-    'pvt_large': _cfg(),
+    name: from_scratch_cfg(first_conv='stages.0.patch_embed.proj', classifier='head')
+    for name in ('pvt_tiny', 'pvt_small', 'pvt_medium', 'pvt_large')
 })
 
 
