@@ -126,6 +126,21 @@ def resume_path(args, run_dir: Path):
     return Path(args.resume)
 
 
+def restore_training_state(path, args, model, optimizer, scheduler, scaler) -> dict:
+    """Load a checkpoint of this run into the training objects; ``{}`` when there is none.
+    The EMA and the random state are restored by the caller, once they exist."""
+    if path is None:
+        return {}
+    state = load_checkpoint(path)
+    check_same_run(state.get('args', {}), args, path)
+    model.load_state_dict(state['state_dict'])
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    if scaler is not None and state.get('scaler'):
+        scaler.load_state_dict(state['scaler'])
+    return state
+
+
 # ---- per-rank random state, so a resumed run continues the same random streams ----------------
 def rank_rng_state(mixer: Mixer) -> dict:
     state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]),
@@ -201,23 +216,12 @@ def run(args) -> dict:
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=per_epoch)
 
-        start_epoch, ranking = 0, []
         checkpoint_path = resume_path(args, run_dir)
-        rng_states = None
-        state = {}
-        if checkpoint_path is not None:
-            state = load_checkpoint(checkpoint_path)
-            check_same_run(state.get('args', {}), args, checkpoint_path)
-            model.load_state_dict(state['state_dict'])
-            optimizer.load_state_dict(state['optimizer'])
-            scheduler.load_state_dict(state['scheduler'])
-            if scaler is not None and state.get('scaler'):
-                scaler.load_state_dict(state['scaler'])
-            start_epoch = state['epoch'] + 1
-            ranking = [tuple(r) for r in state.get('checkpoint_ranking', [])]
-            rng_states = state.get('rng_states')
-            if primary:
-                print(f'resumed from {checkpoint_path} at epoch {start_epoch}', flush=True)
+        state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
+        start_epoch = state['epoch'] + 1 if state else 0
+        ranking = [tuple(r) for r in state.get('checkpoint_ranking', [])]
+        if state and primary:
+            print(f'resumed from {checkpoint_path} at epoch {start_epoch}', flush=True)
 
         ema = None
         if args.model_ema:   # after the probe (its deep copy gets an inert hook) and the resumed weights
@@ -241,8 +245,8 @@ def run(args) -> dict:
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
                   f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
                   f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
-        if rng_states is not None:
-            restore_rng_state(rng_states, mixer, dist_info)
+        if state.get('rng_states') is not None:
+            restore_rng_state(state['rng_states'], mixer, dist_info)
 
         loss_fn = SoftTargetCrossEntropy()
         num_updates = start_epoch * per_epoch
@@ -275,7 +279,7 @@ def run(args) -> dict:
                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
                     'state_dict_ema': ema.module.state_dict() if ema is not None else None,
                     'metric': evals['eval']['top1'], 'eval_metrics': logged, 'rng_states': rng_states,
-                }
+                }   # restore_training_state() reads it back
                 keeper.save(state, epoch, evals['eval']['top1'])
                 ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
