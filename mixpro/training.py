@@ -184,7 +184,7 @@ def run(args) -> dict:
         val_set = image_folder(args.data_dir, args.val_split, is_training=False)
         num_classes = args.num_classes or num_classes_of(train_set)
         args.num_classes = num_classes
-        torch.manual_seed(args.seed)   # the same initial weights on every rank (and so the same EMA)
+        torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
         model = build_model(args, num_classes)
         torch.manual_seed(args.seed + dist_info.rank)   # from here on each rank draws its own randomness
         random.seed(args.seed + dist_info.rank)

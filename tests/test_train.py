@@ -172,7 +172,8 @@ def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     subprocess.run([*launch, str(REPO / 'train.py'), *train_args(data_dir, tmp_path, 'ddp', 'mixpro', 1,
                                                                 '--batch-size', '4', '--aug-repeats', '2',
-                                                                '--grad-accum-steps', '2')],
+                                                                '--grad-accum-steps', '2', '--model-ema',
+                                                                '--model-ema-decay', '0.5')],
                    check=True, cwd=REPO, env=env, timeout=300)
     state = torch.load(tmp_path / 'ddp' / 'last.pth.tar', weights_only=True)
     assert len(state['rng_states']) == 2
@@ -183,6 +184,11 @@ def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     results = json.loads(out.read_text())
     assert results['samples'] == 18            # every image exactly once over both ranks
     assert results['top1'] == pytest.approx(state['metric'], abs=1e-6)
+    # the in-training EMA evaluation ran on both ranks' EMA copies; it matches the saved (rank-0) EMA
+    # only while every rank's EMA is the same model
+    ema = validate.main(['--checkpoint', str(tmp_path / 'ddp' / 'last.pth.tar'), '--data-dir', str(data_dir),
+                         '--workers', '0', '--use-ema', '--device', 'cpu'])
+    assert ema['loss'] == pytest.approx(state['eval_metrics']['eval_ema']['loss'], abs=1e-5)
 
 
 def pvt_args(data_dir, out, experiment, mask_cell):
