@@ -146,7 +146,7 @@ def _options(parser: argparse.ArgumentParser) -> dict:
     return {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
 
 
-def _type_error(key: str, value, action: argparse.Action) -> Optional[str]:
+def _type_error(value, action: argparse.Action) -> Optional[str]:
     """Why ``value`` cannot stand for option ``action``, or None when it can."""
     if value is None:
         return None
@@ -212,7 +212,7 @@ def load_recipe(path: str, parser: argparse.ArgumentParser, _chain=()) -> dict:
             hint = f"; did you mean '{near[0]}'?" if near else ''
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
         value = recipe[key] = _coerce(value, options[key])
-        problem = _type_error(key, value, options[key])
+        problem = _type_error(value, options[key])
         if problem:
             raise ConfigError(f"{path}: key '{key}' {problem}")
         if isinstance(value, tuple):

@@ -49,12 +49,12 @@ class _Means:
     def __init__(self, device):
         self.sums, self.counts, self.device = {}, {}, device
 
-    def add(self, name, value, count=1):
+    def add(self, name, value):
         if name not in self.sums:
             self.sums[name] = torch.zeros((), device=self.device)
             self.counts[name] = 0
         self.sums[name] += value.detach().float()
-        self.counts[name] += count
+        self.counts[name] += 1
 
     def mean(self, name) -> Optional[float]:
         return float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None

@@ -12,11 +12,11 @@ from .checkpoint import load_checkpoint
 from .data import eval_loader, image_folder, num_classes_of
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
+from .training import build_model   # the same model construction as training
 
 
 def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=None):
     """``(model, training_args)`` rebuilt from a checkpoint written by train.py."""
-    from .training import build_model   # the same construction as training
     state = load_checkpoint(path)
     if 'args' not in state or 'state_dict' not in state:
         raise ValueError(f'checkpoint {path} was not written by train.py (no args / state_dict)')
