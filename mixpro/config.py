@@ -7,9 +7,11 @@ overrides them, and anything unknown or mistyped is an error that names the key.
 import argparse
 import ast
 import difflib
+import math
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import yaml
 
 from .mixer import METHODS
@@ -42,6 +44,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='val')
     group.add_argument('--num-classes', type=int, default=None, help='default: number of train class folders')
+    group.add_argument('--class-map', default='',
+                       help='file mapping class folder names to indices, as timm: a .txt with one class name '
+                            'per line (line number = index)')
     group.add_argument('--img-size', type=int, default=None, help='default: the model\'s input size')
     group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction')
     group.add_argument('--mean', type=float, nargs=3, default=None)
@@ -146,6 +151,22 @@ def _options(parser: argparse.ArgumentParser) -> dict:
     return {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
 
 
+# names other codebases use for an option, checked before the nearest-spelling guess
+# ('learning_rate' is closer to 'decay_rate' than to 'lr')
+ALIASES = {'learning_rate': 'lr', 'base_lr': 'lr_base', 'batchsize': 'batch_size', 'bs': 'batch_size',
+           'num_workers': 'workers', 'epoch': 'epochs', 'warmup': 'warmup_epochs', 'wd': 'weight_decay',
+           'label_smoothing': 'smoothing', 'model_name': 'model', 'arch': 'model', 'data': 'data_dir',
+           'data_path': 'data_dir', 'output_dir': 'output', 'ema': 'model_ema', 'ema_decay': 'model_ema_decay'}
+
+
+def _suggest(key: str, options) -> Optional[str]:
+    """The option that an unknown ``key`` probably meant, or None."""
+    if ALIASES.get(key) in options:
+        return ALIASES[key]
+    near = difflib.get_close_matches(key, list(options), n=1)
+    return near[0] if near else None
+
+
 def _type_error(value, action: argparse.Action) -> Optional[str]:
     """Why ``value`` cannot stand for option ``action``, or None when it can."""
     if value is None:
@@ -208,8 +229,8 @@ def load_recipe(path: str, parser: argparse.ArgumentParser, _chain=()) -> dict:
     options = _options(parser)
     for key, value in recipe.items():
         if key not in options:
-            near = difflib.get_close_matches(str(key), list(options), n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ''
+            near = _suggest(str(key), options)
+            hint = f"; did you mean '{near}'?" if near else ''
             raise ConfigError(f"{path}: unknown key '{key}'{hint}")
         value = recipe[key] = _coerce(value, options[key])
         problem = _type_error(value, options[key])
@@ -226,9 +247,79 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_recipe(known.config, parser))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:   # an unknown --flag: name the option it probably meant (argparse reports the rest)
+        if item.startswith('--'):
+            flag = item.split('=', 1)[0]
+            options = _options(parser)
+            near = _suggest(flag[2:].replace('-', '_'), options)
+            hint = f'; did you mean {options[near].option_strings[0]}?' if near else ''
+            raise ConfigError(f'unknown option {flag}{hint}')
+    if extra:
+        parser.parse_args(argv)   # exits with argparse's usage message
     if args.experiment is None:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):
         args.aa = None
+    check_values(args, parser)
     return args
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
+_AT_LEAST_0 = (lambda v: v >= 0, '>= 0')
+_POSITIVE = (lambda v: v > 0, '> 0')
+_PROBABILITY = (lambda v: 0 <= v <= 1, 'in [0, 1]')
+_RATE = (lambda v: 0 <= v < 1, 'in [0, 1)')
+
+# option: (predicate, what it must be). Values must be finite numbers; None only for the keys in _UNSET_OK.
+VALUE_RULES = {
+    **dict.fromkeys(['epochs', 'batch_size', 'validation_batch_size', 'grad_accum_steps', 'checkpoint_hist',
+                     'lr_base_size', 'mask_cell', 'img_size', 'recount'], _AT_LEAST_1),
+    **dict.fromkeys(['workers', 'mixup', 'cutmix', 'maskmix_alpha', 'warmup_epochs', 'min_lr', 'log_interval',
+                     'image_grid_interval', 'aug_repeats', 'mixup_off_epoch'], _AT_LEAST_0),
+    **dict.fromkeys(['lr', 'lr_base', 'clip_grad'], _POSITIVE),
+    **dict.fromkeys(['reprob', 'mixup_prob', 'mixup_switch_prob', 'maskmix_prob', 'smoothing', 'pal_smoothing',
+                     'hflip', 'vflip', 'model_ema_decay'], _PROBABILITY),
+    **dict.fromkeys(['drop', 'drop_path'], _RATE),
+}
+_UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'clip_grad'}
+# named by the YAML key rather than the flag: tests/test_train.py matches this wording
+_KEY_NAMED = {'checkpoint_hist'}
+
+
+def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Stop on values that would otherwise fail deep inside torch or timm (or silently do nothing)."""
+    options = _options(parser or train_parser())
+    for key, (ok, what) in VALUE_RULES.items():
+        value = getattr(args, key)
+        if value is None and key in _UNSET_OK:
+            continue
+        if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            name = key if key in _KEY_NAMED else options[key].option_strings[0]
+            raise ConfigError(f'{name} must be {what}, got {value!r}')
+    _check_output(args)
+    _check_device(args.device)
+
+
+def _check_output(args) -> None:
+    run_dir = Path(args.output) / args.experiment
+    for path in (run_dir, *run_dir.parents):   # the nearest part that exists must be a folder
+        if path.exists():
+            if path.is_dir():
+                return
+            if path == run_dir:
+                raise ConfigError(f'--output {args.output}: the run folder {path} is a file, not a folder '
+                                  f'(choose another --experiment)')
+            raise ConfigError(f'--output {args.output} is a file, not a folder' if path == Path(args.output)
+                              else f'--output {args.output}: {path} is a file, not a folder')
+
+
+def _check_device(device: Optional[str]) -> None:
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f'--device {device!r} is not a device torch knows (use cpu, cuda or cuda:N)') from err
+    if parsed.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'--device {device}: no CUDA device is available on this machine (use --device cpu)')

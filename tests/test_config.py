@@ -1,7 +1,9 @@
 """Recipes and command line: one name per option, clear errors, CLI over YAML."""
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixpro.config import ConfigError, parse_train_args
 
@@ -79,3 +81,87 @@ def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path, 'base: a.yaml\n', 'b.yaml')
     with pytest.raises(ConfigError, match='includes itself'):
         parse_train_args(['--config', str(tmp_path / 'a.yaml')])
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--reprob', '-1'], '--reprob must be in [0, 1], got -1.0'),
+    (['--mixup-prob', '1.5'], '--mixup-prob must be in [0, 1], got 1.5'),
+    (['--mixup-switch-prob', '2'], '--mixup-switch-prob must be in [0, 1], got 2.0'),
+    (['--smoothing', 'nan'], '--smoothing must be in [0, 1], got nan'),
+    (['--model-ema-decay', '1.1'], '--model-ema-decay must be in [0, 1], got 1.1'),
+    (['--epochs', '0'], '--epochs must be >= 1, got 0'),
+    (['--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['--validation-batch-size', '0'], '--validation-batch-size must be >= 1, got 0'),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps must be >= 1, got 0'),
+    (['--workers', '-1'], '--workers must be >= 0, got -1'),
+    (['--img-size', '0'], '--img-size must be >= 1, got 0'),
+    (['--mask-cell', '0'], '--mask-cell must be >= 1, got 0'),
+    (['--cutmix', '-0.5'], '--cutmix must be >= 0, got -0.5'),
+    (['--warmup-epochs', '-1'], '--warmup-epochs must be >= 0, got -1'),
+    (['--lr', '0'], '--lr must be > 0, got 0.0'),
+    (['--lr-base=-1e-3'], '--lr-base must be > 0, got -0.001'),
+    (['--clip-grad', '0'], '--clip-grad must be > 0, got 0.0'),
+    (['--drop-path', '1'], '--drop-path must be in [0, 1), got 1.0'),
+    (['--checkpoint-hist', '0'], 'checkpoint_hist must be >= 1, got 0'),
+])
+def test_out_of_range_values_name_the_option_and_value(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_train_args(argv)
+
+
+def test_out_of_range_values_in_a_recipe_are_caught_too(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape('--epochs must be >= 1, got None')):
+        parse_train_args(['--config', write(tmp_path, 'epochs: null\n')])
+    with pytest.raises(ConfigError, match=re.escape('--reprob must be in [0, 1], got -0.25')):
+        parse_train_args(['--config', write(tmp_path, 'reprob: -0.25\n', 'b.yaml')])
+
+
+def test_unset_and_boundary_values_are_accepted():
+    args = parse_train_args(['--reprob', '0', '--hflip', '1', '--workers', '0', '--mixup', '0', '--warmup-epochs',
+                             '0', '--drop-path', '0', '--epochs', '1', '--image-grid-interval', '0'])
+    assert args.lr is None and args.clip_grad is None and args.img_size is None
+    assert args.mixup_switch_prob is None and args.validation_batch_size is None
+
+
+@pytest.mark.parametrize('key,meant', [('learning_rate', 'lr'), ('num_workers', 'workers'),
+                                       ('output_dir', 'output'), ('ema', 'model_ema')])
+def test_names_from_other_codebases_suggest_ours(tmp_path, key, meant):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'; did you mean '{meant}'"):
+        parse_train_args(['--config', write(tmp_path, f'{key}: 1\n')])
+
+
+def test_unknown_flags_suggest_ours():
+    with pytest.raises(ConfigError, match='unknown option --learning-rate; did you mean --lr[?]'):
+        parse_train_args(['--learning-rate', '0.001'])
+    with pytest.raises(ConfigError, match='unknown option --bach-size; did you mean --batch-size[?]'):
+        parse_train_args(['--bach-size=4'])
+
+
+def test_output_that_is_a_file_is_an_error(tmp_path):
+    file = tmp_path / 'good.pth.tar'
+    file.write_text('')
+    with pytest.raises(ConfigError, match=re.escape(f'--output {file} is a file, not a folder')):
+        parse_train_args(['--output', str(file)])
+    with pytest.raises(ConfigError, match=re.escape(f'{file} is a file, not a folder')):
+        parse_train_args(['--output', str(file / 'runs')])
+    (tmp_path / 'runs').mkdir()
+    (tmp_path / 'runs' / 'exp').write_text('')
+    with pytest.raises(ConfigError, match='run folder .*exp is a file'):
+        parse_train_args(['--output', str(tmp_path / 'runs'), '--experiment', 'exp'])
+    assert parse_train_args(['--output', str(tmp_path / 'new' / 'folder')]).output   # need not exist yet
+
+
+def test_cuda_device_without_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ConfigError, match=re.escape(
+            '--device cuda: no CUDA device is available on this machine (use --device cpu)')):
+        parse_train_args(['--device', 'cuda'])
+    with pytest.raises(ConfigError, match="--device 'gpu' is not a device"):
+        parse_train_args(['--device', 'gpu'])
+    assert parse_train_args(['--device', 'cpu']).device == 'cpu'
+
+
+def test_class_map_option(tmp_path):
+    assert parse_train_args([]).class_map == ''
+    assert parse_train_args(['--config', write(tmp_path, 'class_map: classes.txt\n')]).class_map == 'classes.txt'
+
