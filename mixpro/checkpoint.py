@@ -1,7 +1,12 @@
 """Checkpoints written atomically and loadable with ``torch.load(weights_only=True)``.
 
 Run folder layout (timm's names): ``last.pth.tar`` after every epoch, ``checkpoint-<epoch>.pth.tar``
-for the best ``keep_best`` epochs by top-1, and ``model_best.pth.tar``.
+for the best ``keep_best`` epochs by top-1, ``model_best.pth.tar``, and ``interrupted.pth.tar`` while a
+run that was stopped mid-epoch (preemption) waits to be resumed.
+
+Crash consistency: ``last.pth.tar`` is the commit point. The best-k files of an epoch are written before
+it, so the ranking stored in ``last`` never names a file that was not written; what a kill leaves
+behind (temp files, files of epochs the ranking no longer holds) is removed by ``tidy()`` on the next start.
 """
 import os
 import shutil
@@ -11,6 +16,21 @@ from typing import List, Optional, Tuple
 
 import torch
 
+LAST, BEST, INTERRUPTED = 'last.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written."""
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _file_mode()   # what open() would give: mkstemp creates files 0600 whatever the umask
+
 
 def _atomic_write(path: Path, write) -> None:
     """``write(tmp)`` into a temp file in the same folder, then rename: a crash never leaves a torn file."""
@@ -19,6 +39,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -26,43 +47,112 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as err:   # torch reports a full disk as a RuntimeError of its zip writer
+        raise CheckpointError(f'could not write {path} (disk full or over quota?): {err}; '
+                              f'the checkpoints written before are intact') from err
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    try:
+        _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    except OSError as err:
+        raise CheckpointError(f'could not write {dst} (disk full or over quota?): {err}; '
+                              f'the checkpoints written before are intact') from err
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """The whole checkpoint on the CPU; ``mmap`` reads tensors lazily (cheap when only metadata is needed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:
-        raise ValueError(f'checkpoint {path} cannot be read: {err}') from err
+        reason = str(err).strip() or type(err).__name__
+        raise CheckpointError(f'checkpoint {path} cannot be read: {reason}') from err
+
+
+def resume_position(state: dict) -> Tuple[int, int]:
+    """``(epoch, step)`` at which a run resumed from ``state`` continues."""
+    if 'resume_at' in state:
+        return tuple(state['resume_at'])
+    return state['epoch'] + 1, 0   # written before mid-epoch saves existed: always at an epoch's end
 
 
 class CheckpointKeeper:
-    """Saves ``last`` every epoch and keeps the best ``keep_best`` epochs by top-1."""
+    """Saves ``last`` every epoch and keeps the best ``keep_best`` epochs by top-1 (ties: the earlier)."""
 
     def __init__(self, run_dir: Path, keep_best: int = 3, ranking: Optional[List[Tuple[float, int]]] = None):
         self.run_dir = Path(run_dir)
         self.keep_best = keep_best
-        self.ranking = sorted(ranking or [], reverse=True)   # [(top1, epoch)], best first
+        self.ranking = self._ranked(ranking or [])   # [(top1, epoch)], best first
+
+    @staticmethod
+    def _ranked(entries) -> list:
+        return sorted((tuple(e) for e in entries), key=lambda e: (-e[0], e[1]))
 
     def path(self, epoch: int) -> Path:
         return self.run_dir / f'checkpoint-{epoch}.pth.tar'
 
     def save(self, state: dict, epoch: int, top1: float) -> None:
-        ranking = sorted(self.ranking + [(top1, epoch)], reverse=True)
-        state['checkpoint_ranking'] = [list(r) for r in ranking[:self.keep_best]]
-        last = self.run_dir / 'last.pth.tar'
-        atomic_save(state, last)
-        if (top1, epoch) in ranking[:self.keep_best]:
-            atomic_copy(last, self.path(epoch))
-            if ranking[0] == (top1, epoch):
-                atomic_copy(last, self.run_dir / 'model_best.pth.tar')
-        for _, dropped in ranking[self.keep_best:]:
-            self.path(dropped).unlink(missing_ok=True)
-        self.ranking = ranking[:self.keep_best]
+        ranking = self._ranked(self.ranking + [(top1, epoch)])
+        kept, dropped = ranking[:self.keep_best], ranking[self.keep_best:]
+        state['checkpoint_ranking'] = [list(r) for r in kept]
+        last = self.run_dir / LAST
+        if (top1, epoch) in kept:                    # best-k files first, `last` (the commit point) after
+            atomic_save(state, self.path(epoch))
+            if kept[0] == (top1, epoch):
+                atomic_copy(self.path(epoch), self.run_dir / BEST)
+            atomic_copy(self.path(epoch), last)
+        else:
+            atomic_save(state, last)
+        for _, old in dropped:
+            self.path(old).unlink(missing_ok=True)
+        (self.run_dir / INTERRUPTED).unlink(missing_ok=True)   # superseded by this epoch's end
+        self.ranking = kept
+
+    def save_interrupted(self, state: dict) -> Path:
+        state['checkpoint_ranking'] = [list(r) for r in self.ranking]
+        path = self.run_dir / INTERRUPTED
+        atomic_save(state, path)
+        return path
+
+    def tidy(self) -> List[str]:
+        """Repair what a kill left behind; returns one note per repair."""
+        notes, last_epoch = [], _epoch_of(self.run_dir / LAST)
+        for tmp in self.run_dir.glob('.*.tmp'):
+            tmp.unlink(missing_ok=True)
+            notes.append(f'removed the unfinished temp file {tmp.name}')
+        kept = []
+        for top1, epoch in self.ranking:
+            if not self.path(epoch).exists() and epoch == last_epoch:   # runs of older versions wrote last first
+                atomic_copy(self.run_dir / LAST, self.path(epoch))
+                notes.append(f'restored {self.path(epoch).name} from {LAST}')
+            if self.path(epoch).exists():
+                kept.append((top1, epoch))
+            else:
+                notes.append(f'epoch {epoch} (top-1 {top1:.2f}) left the best-k ranking: '
+                             f'{self.path(epoch).name} was never written')
+        self.ranking = kept
+        ranked = {self.path(epoch).name for _, epoch in kept}
+        for path in self.run_dir.glob('checkpoint-*.pth.tar'):
+            if path.name not in ranked:
+                path.unlink()
+                notes.append(f'removed {path.name}, which the best-k ranking does not hold')
+        if kept:
+            best = self.run_dir / BEST
+            best_epoch = _epoch_of(best)
+            if best_epoch != kept[0][1]:
+                atomic_copy(self.path(kept[0][1]), best)
+                notes.append(f'{BEST} now holds epoch {kept[0][1]}, the best (it held '
+                             f'{"nothing readable" if best_epoch is None else f"epoch {best_epoch}"})')
+        return notes
+
+
+def _epoch_of(path: Path) -> Optional[int]:
+    try:
+        return load_checkpoint(path, mmap=True).get('epoch')
+    except (FileNotFoundError, CheckpointError):
+        return None

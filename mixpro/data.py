@@ -1,10 +1,106 @@
-"""Datasets and loaders from timm's parts, ImageFolder layout ``<data_dir>/{train,val}/<class>/*``."""
+"""Datasets and loaders from timm's parts, ImageFolder layout ``<data_dir>/{train,val}/<class>/*``.
+
+Both splits use one class index, train's (or ``--class-map``'s), so a class missing from val, an empty
+folder or a stray file can never shift the labels of the other split.
+
+Training order and augmentation are a pure function of (seed, rank, epoch, position in the epoch): each
+sample's augmentation is seeded on its own, so a resumed run, even one resumed in the middle of an
+epoch and with data-loading workers, sees exactly the images an uninterrupted run sees.
+"""
+import os
+import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
-from timm.data import create_dataset, create_loader, create_transform
+from timm.data import create_dataset, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.loader import PrefetchLoader, fast_collate
+from timm.data.readers.class_map import load_class_map
+from timm.utils.misc import natural_key
 
+from .config import ConfigError
 from .distributed import DistInfo
+
+_IMAGE_EXTENSIONS = get_img_extensions(as_set=True)
+
+
+def _split_root(data_dir: str, split: str) -> Path:
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root} does not exist: --data-dir must hold {split}/<class>/<images> '
+                                f'(run scripts/prepare_digits.py for the built-in dataset)')
+    return root
+
+
+def _has_image(folder: str) -> bool:
+    with os.scandir(folder) as entries:   # d_type, no stat per file: cheap on a 1.3M-image train split
+        return any(e.is_file() and os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS for e in entries)
+
+
+def _class_folders(root: Path) -> List[str]:
+    """Class folders of a split, checked: none empty; images lying directly in the split are no class."""
+    with os.scandir(root) as entries:
+        entries = list(entries)
+    folders = sorted((e.name for e in entries if e.is_dir() and not e.name.startswith('.')), key=natural_key)
+    empty = [name for name in folders if not _has_image(os.path.join(root, name))]
+    if empty:
+        listed = ', '.join(str(root / name) for name in empty[:5]) + (' …' if len(empty) > 5 else '')
+        raise ConfigError(f'class folder {listed} holds no images (images must lie directly inside '
+                          f'{root}/<class>/): fill or remove it')
+    stray = sum(1 for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS)
+    if stray:
+        print(f'note: {stray} image(s) directly in {root} belong to no class folder and are not used', flush=True)
+    return folders
+
+
+def _read_class_map(class_map: str, data_dir: str, root: Path, folders: List[str]) -> Dict[str, int]:
+    """timm's class-map file (.txt: one class folder name per line, line number = label)."""
+    try:
+        mapping = load_class_map(class_map, str(Path(data_dir)))
+    except (AssertionError, OSError, ValueError) as err:
+        raise ConfigError(f'--class-map {class_map} cannot be read: {err}') from err
+    missing = [name for name in mapping if name not in folders]
+    if missing:
+        raise ConfigError(f'--class-map {class_map} names {len(missing)} class(es) with no folder in {root}, '
+                          f'e.g. {missing[0]!r}')
+    unused = [name for name in folders if name not in mapping]
+    if unused:
+        print(f'note: {len(unused)} class folder(s) of {root} are not in --class-map and are not used, '
+              f'e.g. {unused[0]!r}', flush=True)
+    return dict(mapping)
+
+
+def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None,
+                 class_map: str = ''):
+    """An ImageFolder split. Labels: ``class_to_idx`` when given (val takes train's; a class folder it does
+    not know is an error naming it), else ``class_map``, else the split's naturally sorted class folders
+    (timm's order). ``dataset.reader.class_to_idx`` holds the index used."""
+    root = _split_root(data_dir, split)
+    folders = _class_folders(root)
+    if class_to_idx is None:
+        class_to_idx = (_read_class_map(class_map, data_dir, root, folders) if class_map
+                        else {name: i for i, name in enumerate(folders)})
+    else:
+        unknown = [name for name in folders if name not in class_to_idx]
+        if unknown and class_map:   # a class map may select a subset of the folders: the rest are unused
+            print(f'note: {len(unknown)} class folder(s) of {root} are not in --class-map and are not used',
+                  flush=True)
+        elif unknown:
+            raise ConfigError(f'{root} has class folder(s) that training does not have: {", ".join(unknown[:5])}; '
+                              f'every {split} class must be a training class')
+    dataset = create_dataset('', root=str(Path(data_dir)), split=split, is_training=is_training,
+                             class_map=dict(class_to_idx))
+    if len(dataset) == 0:
+        raise ConfigError(f'{root} holds no images')
+    return dataset
+
+
+def num_classes_of(dataset) -> int:
+    return len(dataset.reader.class_to_idx)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -21,37 +117,93 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def image_folder(data_dir: str, split: str, is_training: bool):
-    root = Path(data_dir) / split
-    if not root.is_dir():
-        raise FileNotFoundError(f'{root} does not exist: --data-dir must hold {split}/<class>/<images> '
-                                f'(run scripts/prepare_digits.py for the built-in dataset)')
-    dataset = create_dataset('', root=str(Path(data_dir)), split=split, is_training=is_training)
-    if len(dataset) == 0:
-        raise ValueError(f'{root} holds no images')
-    return dataset
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's ``(index, augmentation seed)`` pairs for one epoch, from ``set_epoch(epoch, start_batch)``.
+
+    The order comes from ``order`` (timm's / torch's distributed samplers, seeded by the epoch); the seeds
+    from (seed, rank, epoch). ``start_batch`` skips the batches a preempted run already trained on,
+    without loading them."""
+
+    def __init__(self, order, batch_size: int, seed: int, rank: int):
+        self.order, self.batch_size, self.seed, self.rank = order, batch_size, seed, rank
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.skip = epoch, start_batch * self.batch_size
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        indices = list(self.order)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
+        seeds = torch.randint(2 ** 62, (len(indices),), generator=generator).tolist()
+        return iter(list(zip(indices, seeds))[self.skip:])
+
+    def __len__(self):
+        return max(len(self.order) - self.skip, 0)
 
 
-def num_classes_of(dataset) -> int:
-    return len(dataset.reader.class_to_idx)
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads ``(index, seed)`` keys: the sample's augmentation draws from python, numpy and torch
+    generators seeded with ``seed``; the caller's random state is left as it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with _seeded(seed):
+            return self.dataset[index]
+
+
+@contextmanager
+def _seeded(seed: int):
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
-    """timm's training loader: augmentation, random erasing, repeated-aug / distributed sampler."""
+    """timm's training transforms, random erasing and repeated-aug / distributed order, with the
+    resumable ``EpochSampler``; on CUDA timm's prefetcher normalises and erases on the device."""
     aug_repeats = args.aug_repeats
     if aug_repeats and not dist_info.distributed:
         # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
         print(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it',
               flush=True)
         aug_repeats = 0
-    return create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=aug_repeats, interpolation=args.train_interpolation,
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-        distributed=dist_info.distributed, pin_memory=args.pin_mem, device=dist_info.device,
-        use_prefetcher=dist_info.device.type == 'cuda', persistent_workers=args.workers > 0)
+    prefetch = dist_info.device.type == 'cuda'
+    dataset.transform = create_transform(
+        data_config['input_size'], is_training=True, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
+    if aug_repeats:
+        order = RepeatAugSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                 num_repeats=aug_repeats)
+    else:
+        order = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
+    sampler = EpochSampler(order, args.batch_size, args.seed, dist_info.rank)
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
+        num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=args.workers > 0,
+        collate_fn=fast_collate if prefetch else None,
+        generator=torch.Generator())   # worker seeds must not draw from the training process's generator
+    if prefetch:
+        loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
+                                device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
+                                re_count=args.recount)
+    return loader
 
 
 def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False):

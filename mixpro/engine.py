@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_min, all_reduce_sum
 from .logger import format_eta
 
 
@@ -43,11 +43,18 @@ def optimizer_step(loss, optimizer, scaler=None, clip_grad=None, clip_mode='norm
     optimizer.zero_grad(set_to_none=True)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run stops before it writes such weights."""
+
+
 class _Means:
     """Running sums kept on the device, read back only when printed (no per-step host sync)."""
 
-    def __init__(self, device):
-        self.sums, self.counts, self.device = {}, {}, device
+    def __init__(self, device, state: Optional[dict] = None):
+        self.device = device
+        state = state or {}   # the sums of the steps an interrupted epoch trained before it was saved
+        self.sums = {k: torch.tensor(v, device=device) for k, v in state.get('sums', {}).items()}
+        self.counts = dict(state.get('counts', {}))
 
     def add(self, name, value):
         if name not in self.sums:
@@ -59,17 +66,46 @@ class _Means:
     def mean(self, name) -> Optional[float]:
         return float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None
 
+    def state_dict(self) -> dict:
+        return {'sums': {k: float(v) for k, v in self.sums.items()}, 'counts': dict(self.counts)}
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss was not finite; ``check()`` reads it back
+    (once per log interval and at the end: no sync per step) and agrees on it over all ranks."""
+
+    NONE = 2 ** 62
+
+    def __init__(self, device):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def add(self, step: int, loss) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad & (self.first == self.NONE), step, self.first)
+
+    def check(self, epoch: int, steps: int, lr: float) -> None:
+        first = int(all_reduce_min(self.first.clone()))
+        if first != self.NONE:
+            raise NonFiniteLoss(f'the training loss is not finite (NaN or inf) at epoch {epoch} step '
+                                f'{first + 1}/{steps} (lr {lr:.3e}): stopped without saving these weights; '
+                                f'lower --lr or set --clip-grad, then resume from the last good checkpoint')
+
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,
-                    ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False):
-    """Train for one epoch; returns ``(metrics, num_updates)``."""
+                    ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False,
+                    start_step=0, partial_means=None, stop=None):
+    """Train for one epoch, from ``start_step`` when an interrupted epoch is resumed; returns
+    ``(metrics, num_updates)``. With a ``stop`` request it ends early after an optimizer step:
+    ``metrics['steps_done']`` is then below ``metrics['steps']``."""
     model.train()
     accum = args.grad_accum_steps
-    steps = len(loader)
-    means, samples = _Means(device), None
+    steps = start_step + len(loader)
+    means, samples = _Means(device, partial_means), None
+    watch = _NonFiniteWatch(device)
     start = time.time()
     images_seen = 0
-    for i, (x, y) in enumerate(loader):
+    steps_done = steps
+    for i, (x, y) in enumerate(loader, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x, target = mixer(x, y)
         if keep_samples and samples is None:
@@ -98,21 +134,30 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
 
         images_seen += x.shape[0]
         means.add('loss', loss)
+        watch.add(i, loss)
         step = mixer.last
         if step.lam_attn is not None:
             means.add('lam_area', step.lam_area.mean())
             means.add('lam_attn', step.lam_attn.mean())
             if step.alpha is not None:
                 means.add('alpha', step.alpha.mean())
-        if is_primary and args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == steps):
+        logging_step = args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == steps)
+        if logging_step:
+            watch.check(epoch, steps, optimizer.param_groups[0]['lr'])
+        if is_primary and logging_step:
             now = time.time()
             rate = images_seen * world_size / max(now - start, 1e-9)
-            eta = (now - start) / (i + 1) * (steps - i - 1)
+            eta = (now - start) / (i + 1 - start_step) * (steps - i - 1)
             print(f'epoch {epoch} [{i + 1:>4d}/{steps} ({100 * (i + 1) / steps:3.0f}%)] '
                   f'loss {means.mean("loss"):.4f} lr {optimizer.param_groups[0]["lr"]:.3e} '
                   f'{rate:.0f} img/s eta {format_eta(eta)}', flush=True)
+        if update and stop is not None and i + 1 < steps and stop.requested():
+            steps_done = i + 1
+            break
+    watch.check(epoch, steps, optimizer.param_groups[0]['lr'])
     elapsed = time.time() - start
-    metrics = {'loss': means.mean('loss'), 'epoch_time_s': elapsed,
+    metrics = {'loss': means.mean('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
+               'partial_means': means.state_dict() if steps_done < steps else None,
                'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
                'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),
                'alpha': means.mean('alpha'), 'samples': samples}

@@ -1,5 +1,6 @@
 """What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console."""
 import csv
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,8 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.summary = self.run_dir / 'summary.csv'
         self._truncate_summary(start_epoch)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        # purge_step: TensorBoard hides what earlier event files logged for the epochs trained again
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_epoch or None)
 
     def _truncate_summary(self, start_epoch: int) -> None:
         """Drop rows of epochs that will be trained again after a resume."""
@@ -27,11 +29,13 @@ class RunLogger:
         kept = [r for r in rows if int(r['epoch']) < start_epoch]
         if len(kept) == len(rows):
             return
-        with self.summary.open('w', newline='') as f:
+        tmp = self.summary.with_name('.summary.csv.tmp')   # rewritten whole, then renamed: never torn
+        with tmp.open('w', newline='') as f:
             if kept:
                 writer = csv.DictWriter(f, fieldnames=list(kept[0]))
                 writer.writeheader()
                 writer.writerows(kept)
+        os.replace(tmp, self.summary)
 
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
         """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``."""

@@ -1,22 +1,21 @@
 """A whole training run: build everything from the options, then epoch after epoch."""
+import math
 import random
-import subprocess
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import timm
 import torch
 import torch.distributed as dist
-import yaml
 from timm.data import resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from .checkpoint import CheckpointKeeper, load_checkpoint
+from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
 from .data import eval_loader, image_folder, num_classes_of, train_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed
@@ -24,6 +23,7 @@ from .engine import evaluate, train_one_epoch, updates_per_epoch
 from .logger import RunLogger, format_eta
 from .mixer import Mixer
 from .probe import AttentionProbe, find_attention_source
+from .run_folder import RunLock, StopRequest, broadcast_path, choose_resume_checkpoint, save_run_info
 
 NEEDS_ATTENTION = ('transmix', 'mixpro')
 
@@ -75,27 +75,6 @@ def resolve_lr(args, world_size: int) -> float:
     return args.lr_base * (ratio if args.lr_base_scale == 'linear' else ratio ** 0.5)
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ('-dirty' if dirty else '')
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-
-
-def save_run_info(run_dir: Path, args, world_size: int) -> None:
-    # without 'config', so the file can itself be passed to --config
-    resolved = {k: v for k, v in vars(args).items() if k != 'config'}
-    (run_dir / 'config.yaml').write_text(yaml.safe_dump(resolved, sort_keys=False))
-    info = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
-            'torch': str(torch.__version__), 'timm': timm.__version__}
-    (run_dir / 'run_info.yaml').write_text(yaml.safe_dump(info, sort_keys=False))
-
-
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
@@ -117,25 +96,21 @@ def _comparable(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def resume_path(args, run_dir: Path):
-    if args.resume in (None, '', 'none'):
-        return None
-    if args.resume == 'auto':
-        last = run_dir / 'last.pth.tar'
-        return last if last.exists() else None
-    return Path(args.resume)
-
-
 def restore_training_state(path, args, model, optimizer, scheduler, scaler) -> dict:
     """Load a checkpoint of this run into the training objects; ``{}`` when there is none.
     The EMA and the random state are restored by the caller, once they exist."""
     if path is None:
         return {}
     state = load_checkpoint(path)
-    check_same_run(state.get('args', {}), args, path)
+    saved_args = state.get('args', {})
+    check_same_run(saved_args, args, path)
     model.load_state_dict(state['state_dict'])
     optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
+    if saved_args.get('epochs', args.epochs) == args.epochs:
+        scheduler.load_state_dict(state['scheduler'])
+    else:   # timm's way: the schedule built for the new length, moved to where the run stands
+        print(f"--epochs {saved_args['epochs']} -> {args.epochs}: the lr schedule is stretched to "
+              f'{args.epochs} epochs from here on', flush=True)
     if scaler is not None and state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
     return state
@@ -172,16 +147,60 @@ def restore_rng_state(states: list, mixer: Mixer, dist_info: DistInfo) -> None:
         torch.cuda.set_rng_state(state['cuda'])
 
 
+def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> Optional[Path]:
+    """Rank 0 locks the run folder and picks the checkpoint to resume from; every rank gets the pick."""
+    path = None
+    if dist_info.is_primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        note = lock.acquire()
+        path, notes = choose_resume_checkpoint(args, run_dir)
+        if args.resume in (None, '', 'none') and any(run_dir.glob('*.pth.tar')):
+            raise ConfigError(f'--resume none, but {run_dir} holds the checkpoints of an earlier run: give this '
+                              f'run its own --experiment (or delete them to start this one afresh)')
+        for line in ([note] if note else []) + notes:
+            print(f'note: {line}', flush=True)
+    return broadcast_path(path)
+
+
+def check_image_geometry(args, image_size: int, token_size: int) -> None:
+    """Sizes that would make the attention labels or MaskMix silently wrong, refused before training."""
+    if args.mix_method in NEEDS_ATTENTION and image_size % token_size:
+        raise ConfigError(f'image size {image_size} px is not a multiple of the {token_size}-px tokens the '
+                          f'attention labels are read on: choose --img-size {image_size // token_size * token_size} '
+                          f'or {(image_size // token_size + 1) * token_size}')
+    if args.mix_method in ('maskmix', 'mixpro') and math.ceil(image_size / args.mask_cell) < 2:
+        raise ConfigError(f'--mask-cell {args.mask_cell} covers the whole {image_size}-px image, so MaskMix '
+                          f'would never mix: use a cell of at most {image_size // 2} px (a multiple of '
+                          f'{token_size})')
+
+
+def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rng_states, resume_at,
+                   num_classes, class_to_idx, evals=None, partial_means=None) -> dict:
+    """What a checkpoint holds; restore_training_state() reads it back."""
+    return {
+        'epoch': epoch, 'resume_at': list(resume_at), 'arch': args.model, 'num_classes': num_classes,
+        'class_to_idx': class_to_idx, 'args': vars(args), 'state_dict': model.state_dict(),
+        'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+        'scaler': scaler.state_dict() if scaler else None,
+        'state_dict_ema': ema.module.state_dict() if ema is not None else None,
+        'metric': evals['eval']['top1'] if evals else None, 'eval_metrics': evals, 'rng_states': rng_states,
+        'partial_means': partial_means,
+    }
+
+
 def run(args) -> dict:
-    """Train as ``args`` says; returns the final and best evaluation metrics."""
+    """Train as ``args`` says; returns the final evaluation metrics (``stopped_by``: the signal that
+    stopped the run early, after it saved where it was)."""
     dist_info = init_distributed(args.device)
     device, primary = dist_info.device, dist_info.is_primary
     run_dir = Path(args.output) / args.experiment
+    lock, stop, logger = RunLock(run_dir), None, None
     try:
-        if args.checkpoint_hist < 1:
-            raise ConfigError(f'checkpoint_hist must be >= 1, got {args.checkpoint_hist}')
-        train_set = image_folder(args.data_dir, args.train_split, is_training=True)
-        val_set = image_folder(args.data_dir, args.val_split, is_training=False)
+        checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
+        train_set = image_folder(args.data_dir, args.train_split, is_training=True, class_map=args.class_map)
+        class_to_idx = dict(train_set.reader.class_to_idx)
+        val_set = image_folder(args.data_dir, args.val_split, is_training=False, class_to_idx=class_to_idx,
+                               class_map=args.class_map)
         num_classes = args.num_classes or num_classes_of(train_set)
         args.num_classes = num_classes
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
@@ -193,8 +212,9 @@ def run(args) -> dict:
             probe = AttentionProbe(model) if args.mix_method in NEEDS_ATTENTION else None
         except ValueError as err:
             raise ConfigError(f'mix_method {args.mix_method}: {err}') from err
-        mixer = build_mixer(args, num_classes, probe.token_size if probe else label_token_size(model),
-                            dist_info.rank)
+        token_size = probe.token_size if probe else label_token_size(model)
+        check_image_geometry(args, data_config['input_size'][-1], token_size)
+        mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -208,6 +228,9 @@ def run(args) -> dict:
         scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
 
         loader = train_loader(train_set, data_config, args, dist_info)
+        if len(loader) == 0:
+            raise ConfigError(f'{Path(args.data_dir) / args.train_split} has {len(train_set)} images, fewer than '
+                              f'one batch of {args.batch_size} per process: lower --batch-size')
         val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
                                  args.workers, dist_info, args.pin_mem)
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
@@ -216,12 +239,20 @@ def run(args) -> dict:
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=per_epoch)
 
-        checkpoint_path = resume_path(args, run_dir)
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
-        start_epoch = state['epoch'] + 1 if state else 0
-        ranking = [tuple(r) for r in state.get('checkpoint_ranking', [])]
+        start_epoch, start_step = resume_position(state) if state else (0, 0)
+        num_updates = start_epoch * per_epoch + start_step // args.grad_accum_steps
+        if state and state['args'].get('epochs') != args.epochs:   # a schedule built anew: move it to where
+            scheduler.step(start_epoch)                             # the run stands, as timm's resume does
+            scheduler.step_update(num_updates=num_updates)
+        if state and start_epoch >= num_epochs:
+            if primary:
+                print(f'{run_dir}: the run already finished its {start_epoch} epochs; nothing to train '
+                      f'(--epochs N with N > {start_epoch} trains it longer)', flush=True)
+            return {'epoch': start_epoch - 1, **(state.get('eval_metrics') or {})}
         if state and primary:
-            print(f'resumed from {checkpoint_path} at epoch {start_epoch}', flush=True)
+            print(f'resumed from {checkpoint_path} at epoch {start_epoch}'
+                  + (f' step {start_step}' if start_step else ''), flush=True)
 
         ema = None
         if args.model_ema:   # after the probe (its deep copy gets an inert hook) and the resumed weights
@@ -236,51 +267,63 @@ def run(args) -> dict:
         if args.torchcompile:
             train_model = torch.compile(train_model, backend=args.torchcompile)
 
-        logger = keeper = None
+        keeper = None
         if primary:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_info(run_dir, args, dist_info.world_size)
+            save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch)
-            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, ranking)
+            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []))
+            for note in keeper.tidy():
+                print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
                   f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
                   f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
         if state.get('rng_states') is not None:
             restore_rng_state(state['rng_states'], mixer, dist_info)
+        stop = StopRequest(dist_info.distributed)
+        stop.install()
+
+        def checkpoint(epoch, resume_at, evals=None, partial_means=None):   # every rank: the RNG gather is collective
+            rng_states = gather_rng_states(mixer, dist_info)
+            return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rng_states, resume_at,
+                                  num_classes, class_to_idx, evals, partial_means) if primary else None
 
         loss_fn = SoftTargetCrossEntropy()
-        num_updates = start_epoch * per_epoch
         result = {}
         run_start = time.time()
         for epoch in range(start_epoch, num_epochs):
-            if hasattr(loader.sampler, 'set_epoch'):
-                loader.sampler.set_epoch(epoch)
+            first_step = start_step if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, first_step)
             if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
                 mixer.mixup_enabled = False
             grid_epoch = primary and args.image_grid_interval and epoch % args.image_grid_interval == 0
             train_metrics, num_updates = train_one_epoch(
                 epoch, train_model, loader, optimizer, loss_fn, mixer, probe, device=device, amp=amp,
                 scaler=scaler, ema=ema, scheduler=scheduler, num_updates=num_updates, args=args,
-                world_size=dist_info.world_size, is_primary=primary, keep_samples=grid_epoch)
+                world_size=dist_info.world_size, is_primary=primary, keep_samples=grid_epoch,
+                start_step=first_step, partial_means=state.get('partial_means') if first_step else None,
+                stop=stop)
+            if train_metrics['steps_done'] < train_metrics['steps']:    # asked to stop: save where we are
+                saved = checkpoint(epoch, (epoch, train_metrics['steps_done']),
+                                   partial_means=train_metrics['partial_means'])
+                if primary:
+                    path = keeper.save_interrupted(saved)
+                    print(f"{stop.name}: stopped at epoch {epoch} step {train_metrics['steps_done']}/"
+                          f"{train_metrics['steps']} and saved {path}; the same command with --resume auto "
+                          f'continues from there', flush=True)
+                barrier()
+                return {'epoch': epoch, 'stopped_by': stop.signum}
             evals = {'eval': evaluate(model, val_loader, device, amp)}
             if ema is not None:
                 evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
             lr_now = optimizer.param_groups[0]['lr']   # the lr this epoch trained with
             scheduler.step(epoch + 1, evals['eval']['top1'])
-            rng_states = gather_rng_states(mixer, dist_info)
+            logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
+            saved = checkpoint(epoch, (epoch + 1, 0), evals=logged)
             if primary:
-                logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
                 logger.log_epoch(epoch, train_metrics, logged, lr_now)
                 if train_metrics['samples'] is not None:
                     logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'])
-                state = {
-                    'epoch': epoch, 'arch': args.model, 'num_classes': num_classes, 'args': vars(args),
-                    'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-                    'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-                    'metric': evals['eval']['top1'], 'eval_metrics': logged, 'rng_states': rng_states,
-                }   # restore_training_state() reads it back
-                keeper.save(state, epoch, evals['eval']['top1'])
+                keeper.save(saved, epoch, evals['eval']['top1'])
                 ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
                 print(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
@@ -288,10 +331,19 @@ def run(args) -> dict:
                       f"run eta {format_eta(run_eta)}", flush=True)
             barrier()
             result = {'epoch': epoch, **evals}
-        if primary:
-            logger.close()
-            if keeper.ranking:
-                print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
+            if epoch + 1 < num_epochs and stop.requested():
+                if primary:
+                    print(f'{stop.name}: stopped after epoch {epoch}, saved in {run_dir / LAST}; the same command '
+                          f'with --resume auto continues from there', flush=True)
+                return {**result, 'stopped_by': stop.signum}
+        if primary and keeper.ranking:
+            print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
         return result
     finally:
+        if stop is not None:
+            stop.uninstall()
+        if logger is not None:
+            logger.close()
+        if primary:
+            lock.release()
         cleanup()

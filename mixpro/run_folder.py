@@ -1,0 +1,174 @@
+"""The life cycle of a run folder: one run at a time (a lock), stop requests from cluster signals, the
+choice of the checkpoint a run resumes from, and the record of every start in ``run_info.yaml``."""
+import datetime
+import errno
+import fcntl
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .checkpoint import INTERRUPTED, LAST, CheckpointError, load_checkpoint, resume_position
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on: the message says why and what to do."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.lock`` for the whole run. The kernel releases it when the
+    holder dies, however it dies, so a lock left by a killed run is simply taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / '.lock'
+        self.fd = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a note when the previous holder ended without releasing it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(f'{self.path.parent} is in use by another run ({holder}); wait for it to end, '
+                               f'or give this run its own --experiment') from err
+            raise
+        previous = os.read(fd, 4096).decode(errors='replace').strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().isoformat(timespec='seconds')
+        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, started {started}\n'.encode())
+        self.fd = fd
+        if previous:
+            return f'the previous run in this folder ({previous}) ended without releasing its lock: taken over'
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)   # empty = released cleanly
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class StopRequest:
+    """SIGTERM (Slurm preemption, scancel) and SIGUSR1 (``sbatch --signal``) ask the run to stop: the
+    training loop finishes its optimizer step, saves where it is, and exits. Every rank stops at the same
+    step: ``requested()`` takes the maximum over ranks on a CPU (gloo) group, so no device sync is needed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, distributed: bool = False):
+        self.signum = 0
+        self._previous = {}
+        self._group = dist.new_group(backend='gloo') if distributed else None
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = self.signum or signum   # no printing here: the handler may interrupt a print
+
+    def requested(self) -> bool:
+        if self._group is not None:
+            flag = torch.tensor([self.signum])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            self.signum = int(flag)
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ''
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum   # the shell's convention for "ended by this signal"
+
+
+def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[str]]:
+    """The checkpoint ``--resume`` names: a path as given, or for ``auto`` the newest readable state in
+    the run folder (a mid-epoch ``interrupted`` save, ``last``, else the newest ``checkpoint-N``)."""
+    if args.resume in (None, '', 'none'):
+        return None, []
+    if args.resume != 'auto':
+        return Path(args.resume), []
+    notes, readable = [], []
+    for path in (run_dir / INTERRUPTED, run_dir / LAST):
+        if path.exists():
+            try:
+                readable.append((resume_position(load_checkpoint(path, mmap=True)), path))
+            except CheckpointError as err:
+                notes.append(f'{err}; skipped')
+    if readable:
+        return max(readable)[1], notes
+    numbered = sorted(run_dir.glob('checkpoint-*.pth.tar'), key=lambda p: int(p.stem.split('-')[1].split('.')[0]),
+                      reverse=True)
+    for path in numbered:
+        try:
+            load_checkpoint(path, mmap=True)
+        except CheckpointError as err:
+            notes.append(f'{err}; skipped')
+            continue
+        notes.append(f'falling back to {path.name}, the newest readable checkpoint')
+        return path, notes
+    return None, notes
+
+
+def broadcast_path(path: Optional[Path]) -> Optional[Path]:
+    """Rank 0's choice on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return path
+    box = [str(path) if path else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
+
+
+def git_commit() -> str:
+    import subprocess
+    try:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ('-dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[Path]) -> None:
+    """``config.yaml`` (the resolved options, itself a valid ``--config``) and ``run_info.yaml``: the first
+    start's command line and versions, and one entry per resumption under ``resumes``."""
+    import timm
+    resolved = {k: v for k, v in vars(args).items() if k != 'config'}
+    _write_text(run_dir / 'config.yaml', yaml.safe_dump(resolved, sort_keys=False))
+    start = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
+             'torch': str(torch.__version__), 'timm': timm.__version__,
+             'time': datetime.datetime.now().isoformat(timespec='seconds')}
+    info_path = run_dir / 'run_info.yaml'
+    info = yaml.safe_load(info_path.read_text()) if (resumed_from and info_path.exists()) else None
+    if isinstance(info, dict):
+        info.setdefault('resumes', []).append({**start, 'from': str(resumed_from)})
+    else:
+        info = start
+    _write_text(info_path, yaml.safe_dump(info, sort_keys=False))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
