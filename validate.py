@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from mixpro.checkpoint import CheckpointError
 from mixpro.config import ConfigError
 from mixpro.validation import run
 
@@ -22,8 +23,10 @@ def parse_args(argv=None):
     parser.add_argument('--crop-pct', type=float, default=None)
     parser.add_argument('--batch-size', '-b', type=int, default=256)
     parser.add_argument('--workers', '-j', type=int, default=4)
-    parser.add_argument('--amp', action='store_true')
-    parser.add_argument('--amp-dtype', default='bfloat16', choices=['float16', 'bfloat16'])
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help="autocast the forward pass (default: as the checkpoint's run trained and evaluated)")
+    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                        help="autocast dtype (default: the checkpoint's)")
     parser.add_argument('--device', default=None)
     parser.add_argument('--results-file', default=None, help='write results here (.json or .csv)')
     return parser.parse_args(argv)
@@ -32,7 +35,7 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         return run(parse_args(argv))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f'error: {err}')
 
 

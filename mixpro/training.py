@@ -44,6 +44,8 @@ def build_model(args, num_classes: int):
         if 'Unknown model' in str(err):
             raise ConfigError(f"model '{args.model}' is not a timm model: {err}") from err
         raise
+    except TypeError as err:   # a keyword the model does not take, or a value of the wrong type
+        raise ConfigError(f"model '{args.model}' cannot be built with model_kwargs {kwargs}: {err}") from err
 
 
 def label_token_size(model) -> int:

@@ -1,3 +1,4 @@
+import csv
 import sys
 from pathlib import Path
 
@@ -35,3 +36,25 @@ def make_image_folder(root, classes=3, train_per_class=12, val_per_class=6, size
                 img = (127 + 100 * wave + rng.normal(0, 20, wave.shape)).clip(0, 255).astype(np.uint8)
                 Image.fromarray(np.stack([img] * 3, -1)).save(folder / f'{i}.png')
     return root
+
+
+TINY = ['--model', 'deit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2',
+        'num_heads=2', '--img-size', '16', '--crop-pct', '1.0', '--mask-cell', '8', '--batch-size', '8',
+        '--workers', '0', '--lr', '1e-3', '--warmup-epochs', '1', '--aa', 'none', '--reprob', '0',
+        '--hflip', '0', '--color-jitter', '0', '--log-interval', '2', '--image-grid-interval', '1',
+        '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+def train_args(data_dir, out, experiment, method='mixpro', epochs=2, *extra):
+    return [*TINY, '--data-dir', str(data_dir), '--output', str(out), '--experiment', experiment,
+            '--mix-method', method, '--epochs', str(epochs), *extra]
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))

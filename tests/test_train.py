@@ -1,5 +1,4 @@
 """End-to-end training, resume, validation and torchrun on tiny generated data (CPU)."""
-import csv
 import json
 import os
 import subprocess
@@ -13,31 +12,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 import validate
-from conftest import make_image_folder
+from conftest import make_image_folder, read_summary, train_args
 from mixpro import training
 from mixpro.config import parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ['--model', 'deit_tiny_patch16_224', '--model-kwargs', 'patch_size=4', 'embed_dim=32', 'depth=2',
-        'num_heads=2', '--img-size', '16', '--crop-pct', '1.0', '--mask-cell', '8', '--batch-size', '8',
-        '--workers', '0', '--lr', '1e-3', '--warmup-epochs', '1', '--aa', 'none', '--reprob', '0',
-        '--hflip', '0', '--color-jitter', '0', '--log-interval', '2', '--image-grid-interval', '1',
-        '--device', 'cpu']
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'))
-
-
-def train_args(data_dir, out, experiment, method='mixpro', epochs=2, *extra):
-    return [*TINY, '--data-dir', str(data_dir), '--output', str(out), '--experiment', experiment,
-            '--mix-method', method, '--epochs', str(epochs), *extra]
-
-
-def read_summary(run_dir):
-    with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
 
 
 def scalar_tags(run_dir):
@@ -146,7 +125,7 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
     other = make_image_folder(tmp_path / 'four_classes', classes=4, train_per_class=1, val_per_class=1)
-    with pytest.raises(SystemExit, match='trained for 3 classes.*has 4 class folders'):
+    with pytest.raises(SystemExit, match='four_classes/val has class folder.*training does not have: class3'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(other), '--workers', '0'])
     state = torch.load(checkpoint, weights_only=True)
     state['args']['model_kwargs']['depth'] = 3          # weights of 2 blocks for a 3-block model

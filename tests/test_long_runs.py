@@ -1,0 +1,339 @@
+"""A long run in the real world: preemption signals, a NaN, bad class folders, two runs in one folder,
+kills around checkpoint writes, a longer schedule on resume, validate.py's precision (issue 7)."""
+import math
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from timm.loss import SoftTargetCrossEntropy
+
+import train
+import validate
+from conftest import make_image_folder, read_summary, train_args
+from mixpro import checkpoint, training
+from mixpro.checkpoint import CheckpointError, CheckpointKeeper, atomic_save, load_checkpoint
+from mixpro.data import image_folder
+from mixpro.mixer import Mixer
+from mixpro.run_folder import RunLock, choose_resume_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4   # 3 classes x 12 train images, batch 8, drop_last
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
+    """Deliver ``signum`` to this process inside the ``call``-th mixer call (a training step)."""
+    real = Mixer.__call__
+    calls = {'n': 0}
+
+    def mixing(self, x, y):
+        calls['n'] += 1
+        if calls['n'] == call:
+            os.kill(os.getpid(), signum)
+        return real(self, x, y)
+    monkeypatch.setattr(Mixer, '__call__', mixing)
+
+
+# ---- 2. preemption ------------------------------------------------------------------------------
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(data_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    extra = ('--workers', '2', '--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.1')
+    train.main(train_args(data_dir, tmp_path, 'straight', 'mixpro', 3, *extra))
+    straight = _load(tmp_path / 'straight' / 'last.pth.tar')
+
+    args = train_args(data_dir, tmp_path, 'stopped', 'mixpro', 3, *extra)
+    _signal_during_mixer_call(monkeypatch, STEPS + 2, signal.SIGTERM)    # epoch 1, step 2 of 4
+    with pytest.raises(SystemExit) as stopped:
+        train.main(args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert 'SIGTERM: stopped at epoch 1 step 2/4' in capsys.readouterr().out
+    run_dir = tmp_path / 'stopped'
+    assert _load(run_dir / 'interrupted.pth.tar')['resume_at'] == [1, 2]
+    assert _load(run_dir / 'last.pth.tar')['epoch'] == 0                 # the epoch-0 state is untouched
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL           # handlers restored after the run
+
+    monkeypatch.undo()
+    train.main(args)                                                     # --resume auto
+    assert 'resumed from' in capsys.readouterr().out
+    resumed = _load(run_dir / 'last.pth.tar')
+    assert not (run_dir / 'interrupted.pth.tar').exists()
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after the mid-epoch resume'
+    assert read_summary(run_dir) == read_summary(tmp_path / 'straight')  # losses, top-1, lr: all equal
+
+
+def test_sigusr1_to_the_command_line_saves_and_exits_138(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path, 'usr1', 'mixup_cutmix', 200)
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train.py'), *args, '--log-interval', '1'], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('epoch 1 ['):            # training for real: preempt it
+            proc.send_signal(signal.SIGUSR1)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 128 + signal.SIGUSR1, ''.join(lines)
+    text = ''.join(lines)
+    assert 'SIGUSR1: stopped' in text and '--resume auto continues' in text
+    saved = [p for p in (tmp_path / 'usr1').glob('*.pth.tar') if p.name in ('interrupted.pth.tar', 'last.pth.tar')]
+    position = max(tuple(_load(p).get('resume_at', [0, 0])) for p in saved)
+    assert position >= (1, 1)
+
+
+# ---- 3. non-finite loss -------------------------------------------------------------------------
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, monkeypatch):
+    class NanAtStepSix(SoftTargetCrossEntropy):
+        calls = 0
+
+        def forward(self, x, target):
+            NanAtStepSix.calls += 1
+            loss = super().forward(x, target)
+            return loss * float('nan') if NanAtStepSix.calls == STEPS + 2 else loss
+    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStepSix)
+    with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 2/4'):
+        train.main(train_args(data_dir, tmp_path, 'nan', 'transmix', 3))
+    run_dir = tmp_path / 'nan'
+    last = _load(run_dir / 'last.pth.tar')
+    assert last['epoch'] == 0 and all(torch.isfinite(t).all() for t in last['state_dict'].values())
+    assert _load(run_dir / 'model_best.pth.tar')['epoch'] == 0
+    assert [r['epoch'] for r in read_summary(run_dir)] == ['0']
+    assert not (run_dir / 'interrupted.pth.tar').exists()
+
+
+# ---- 4. classes ---------------------------------------------------------------------------------
+@pytest.fixture
+def own_data(tmp_path):
+    return make_image_folder(tmp_path / 'data', classes=3, train_per_class=2, val_per_class=2, size=8)
+
+
+def test_val_takes_the_train_class_index(own_data):
+    shutil.rmtree(own_data / 'val' / 'class1')              # a class val does not have
+    train_set = image_folder(own_data, 'train', is_training=True)
+    val_set = image_folder(own_data, 'val', is_training=False, class_to_idx=train_set.reader.class_to_idx)
+    labels = {Path(path).parent.name: label for path, label in val_set.reader.samples}
+    assert labels == {'class0': 0, 'class2': 2}            # not shifted to 1
+
+
+def test_a_stray_image_in_the_split_folder_is_no_class(own_data, capsys):
+    shutil.copy(own_data / 'train' / 'class0' / '0.png', own_data / 'train' / 'stray.png')
+    train_set = image_folder(own_data, 'train', is_training=True)
+    assert train_set.reader.class_to_idx == {'class0': 0, 'class1': 1, 'class2': 2}
+    assert len(train_set) == 6
+    assert '1 image(s) directly in' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_an_empty_class_folder_is_an_error_before_training(own_data, tmp_path, split):
+    for image in (own_data / split / 'class1').iterdir():
+        image.unlink()
+    with pytest.raises(SystemExit, match=f'class folder .*{split}/class1 holds no images'):
+        train.main(train_args(own_data, tmp_path / 'out', 'empty', 'mixpro', 1))
+    assert not list((tmp_path / 'out' / 'empty').glob('*.pth.tar'))
+
+
+def test_a_val_class_unknown_to_train_is_named(own_data, tmp_path):
+    shutil.copytree(own_data / 'val' / 'class0', own_data / 'val' / 'class9')
+    with pytest.raises(SystemExit, match='training does not have: class9'):
+        train.main(train_args(own_data, tmp_path / 'out', 'unknown', 'mixpro', 1))
+
+
+def test_class_map_file_sets_labels_and_selects_classes(own_data, tmp_path):
+    (own_data / 'classes.txt').write_text('class2\nclass0\n')
+    train_set = image_folder(own_data, 'train', is_training=True, class_map=str(own_data / 'classes.txt'))
+    assert train_set.reader.class_to_idx == {'class2': 0, 'class0': 1}
+    assert sorted({label for _, label in train_set.reader.samples}) == [0, 1] and len(train_set) == 4
+    result = train.main([*train_args(own_data, tmp_path / 'out', 'mapped', 'mixup_cutmix', 1, '--batch-size', '2'),
+                         '--class-map', str(own_data / 'classes.txt')])
+    assert result['eval']['count'] == 4                       # class1's val images are not used
+    state = _load(tmp_path / 'out' / 'mapped' / 'last.pth.tar')
+    assert state['num_classes'] == 2 and state['class_to_idx'] == {'class2': 0, 'class0': 1}
+    (own_data / 'bad.txt').write_text('class7\n')
+    with pytest.raises(SystemExit, match="--class-map .*bad.txt names 1 class.*'class7'"):
+        train.main([*train_args(own_data, tmp_path / 'out', 'bad', 'mixpro', 1), '--class-map',
+                    str(own_data / 'bad.txt')])
+
+
+# ---- 5. one run per folder ----------------------------------------------------------------------
+def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(data_dir, tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    holder = RunLock(run_dir)
+    holder.acquire()
+    with pytest.raises(SystemExit, match=r'run is in use by another run \(pid \d+ on'):
+        train.main(train_args(data_dir, tmp_path, 'run', 'mixpro', 1))
+    holder.release()
+    assert not list(run_dir.glob('*.pth.tar'))
+    (run_dir / '.lock').write_text('pid 999999 on a-dead-node, started 2026-01-01T00:00:00\n')   # killed holder
+    train.main(train_args(data_dir, tmp_path, 'run', 'mixpro', 1))
+    assert 'pid 999999 on a-dead-node' in capsys.readouterr().out
+    assert (run_dir / '.lock').read_text() == ''             # released cleanly at the end
+
+
+# ---- 6. checkpoints -----------------------------------------------------------------------------
+def _keeper_run(tmp_path, top1s, keep=2):
+    keeper = CheckpointKeeper(tmp_path, keep_best=keep)
+    for epoch, top1 in enumerate(top1s):
+        keeper.save({'epoch': epoch, 'w': torch.full((2,), float(epoch))}, epoch, top1)
+    return keeper
+
+
+def test_a_kill_between_the_best_k_files_and_last_is_repaired(tmp_path, monkeypatch):
+    _keeper_run(tmp_path, [10.0, 20.0])
+    real_copy = checkpoint.atomic_copy
+
+    def killed_before_last(src, dst):
+        if Path(dst).name == 'last.pth.tar':
+            raise KeyboardInterrupt('killed')
+        real_copy(src, dst)
+    monkeypatch.setattr(checkpoint, 'atomic_copy', killed_before_last)
+    keeper = CheckpointKeeper(tmp_path, 2, load_checkpoint(tmp_path / 'last.pth.tar')['checkpoint_ranking'])
+    with pytest.raises(KeyboardInterrupt):
+        keeper.save({'epoch': 2, 'w': torch.zeros(2)}, 2, 30.0)    # epoch 2 would be the best
+    monkeypatch.undo()
+    last = load_checkpoint(tmp_path / 'last.pth.tar')
+    assert last['epoch'] == 1                                   # the commit point never moved
+    for _, epoch in last['checkpoint_ranking']:                 # the ranking names only written files
+        assert (tmp_path / f'checkpoint-{epoch}.pth.tar').exists()
+    resumed = CheckpointKeeper(tmp_path, 2, last['checkpoint_ranking'])
+    notes = resumed.tidy()
+    assert any('checkpoint-2' in n for n in notes) and not (tmp_path / 'checkpoint-2.pth.tar').exists()
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1
+
+
+def test_tidy_removes_temp_files_and_stale_checkpoints_and_restores_missing_best(tmp_path):
+    keeper = _keeper_run(tmp_path, [10.0, 30.0, 20.0])          # keeps epochs 1 and 2; best 1
+    (tmp_path / '.last.pth.tar.abc.tmp').write_bytes(b'torn')
+    atomic_save({'epoch': 0}, tmp_path / 'checkpoint-0.pth.tar')     # dropped epoch whose unlink was skipped
+    (tmp_path / 'checkpoint-2.pth.tar').unlink()                # an older version wrote last before it
+    (tmp_path / 'model_best.pth.tar').unlink()
+    notes = CheckpointKeeper(tmp_path, 2, keeper.ranking).tidy()
+    assert len(notes) == 4, notes
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ['checkpoint-1.pth.tar', 'checkpoint-2.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert load_checkpoint(tmp_path / 'checkpoint-2.pth.tar')['epoch'] == 2     # restored from last
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1
+
+
+def test_ties_keep_the_earlier_epoch_as_best(tmp_path):
+    keeper = _keeper_run(tmp_path, [50.0, 50.0, 40.0])
+    assert keeper.ranking[0] == (50.0, 0)
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 0
+
+
+def test_checkpoints_are_readable_like_other_outputs(tmp_path):
+    _keeper_run(tmp_path, [1.0])
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tmp_path.glob('*.pth.tar'):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_a_full_disk_is_named_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    atomic_save({'epoch': 1}, tmp_path / 'last.pth.tar')
+
+    def full_disk(obj, f):
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 2028288 vs 2028180')
+    monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
+    with pytest.raises(CheckpointError, match='could not write .*last.pth.tar \\(disk full or over quota\\?\\)'):
+        atomic_save({'epoch': 2}, tmp_path / 'last.pth.tar')
+    assert load_checkpoint(tmp_path / 'last.pth.tar')['epoch'] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, capsys):
+    args = train_args(data_dir, tmp_path, 'torn', 'transmix', 2)
+    train.main(args)
+    run_dir = tmp_path / 'torn'
+    best = load_checkpoint(run_dir / 'model_best.pth.tar')['epoch']
+    with open(run_dir / 'last.pth.tar', 'r+b') as f:
+        f.truncate(1000)                                        # a file damaged by a copy or a filesystem fault
+    path, notes = choose_resume_checkpoint(parse(args), run_dir)
+    assert path.name == f'checkpoint-{max(e for _, e in load_checkpoint(path)["checkpoint_ranking"])}.pth.tar'
+    assert 'last.pth.tar cannot be read' in notes[0] and 'falling back' in notes[-1]
+    capsys.readouterr()
+    train.main(args[:-1] + ['3'])
+    out = capsys.readouterr().out
+    assert 'falling back to checkpoint-' in out and 'resumed from' in out
+    assert load_checkpoint(run_dir / 'last.pth.tar')['epoch'] == 2
+    assert best in (0, 1)
+
+
+def test_the_newer_of_interrupted_and_last_is_resumed(tmp_path):
+    atomic_save({'epoch': 3, 'resume_at': [4, 0]}, tmp_path / 'last.pth.tar')
+    atomic_save({'epoch': 3, 'resume_at': [3, 7]}, tmp_path / 'interrupted.pth.tar')   # stale: last is newer
+    args = parse(['--resume', 'auto'])
+    assert choose_resume_checkpoint(args, tmp_path)[0].name == 'last.pth.tar'
+    atomic_save({'epoch': 4, 'resume_at': [4, 2]}, tmp_path / 'interrupted.pth.tar')
+    assert choose_resume_checkpoint(args, tmp_path)[0].name == 'interrupted.pth.tar'
+
+
+def parse(argv):
+    from mixpro.config import parse_train_args
+    return parse_train_args(argv)
+
+
+# ---- 7. resume: a longer schedule, a finished run -----------------------------------------------
+def test_more_epochs_on_resume_stretch_the_schedule(data_dir, tmp_path, capsys):
+    train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 2))
+    train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 4))
+    assert '--epochs 2 -> 4: the lr schedule is stretched' in capsys.readouterr().out
+    train.main(train_args(data_dir, tmp_path, 'fresh', 'mixup_cutmix', 4))
+    stretched = [float(r['lr']) for r in read_summary(tmp_path / 'longer')]
+    fresh = [float(r['lr']) for r in read_summary(tmp_path / 'fresh')]
+    assert stretched[2:] == pytest.approx(fresh[2:])           # not min_lr: the 4-epoch cosine
+    assert fresh[3] > 1e-5
+    info = yaml.safe_load((tmp_path / 'longer' / 'run_info.yaml').read_text())
+    assert len(info['resumes']) == 1 and info['resumes'][0]['from'].endswith('last.pth.tar')
+    config = (tmp_path / 'longer' / 'config.yaml').read_text()
+    train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 3))   # fewer: nothing to do
+    assert 'already finished its 4 epochs' in capsys.readouterr().out
+    assert (tmp_path / 'longer' / 'config.yaml').read_text() == config         # the record is untouched
+
+
+# ---- 8. validate.py precision -------------------------------------------------------------------
+def test_validate_uses_the_checkpoint_precision_unless_told(data_dir, tmp_path, capsys):
+    train.main(train_args(data_dir, tmp_path, 'bf16', 'maskmix', 1, '--amp', '--amp-dtype', 'bfloat16'))
+    path = tmp_path / 'bf16' / 'last.pth.tar'
+    state = _load(path)
+    capsys.readouterr()
+    own = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu'])
+    assert 'precision: bfloat16 autocast (from the checkpoint)' in capsys.readouterr().out
+    assert own['precision'] == 'bfloat16' and own['loss'] == pytest.approx(state['eval_metrics']['eval']['loss'])
+    fp32 = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu', '--no-amp'])
+    assert 'precision: float32 (as asked)' in capsys.readouterr().out and fp32['precision'] == 'float32'
+
+
+# ---- 9. one line instead of a traceback ---------------------------------------------------------
+@pytest.mark.parametrize('extra,message', [
+    (['--model-kwargs', 'dept=4'], "model 'deit_tiny_patch16_224' cannot be built with model_kwargs"),
+    (['--mask-cell', '16'], '--mask-cell 16 covers the whole 16-px image'),
+    (['--img-size', '18', '--mask-cell', '4'], 'image size 18 px is not a multiple of the 4-px tokens'),
+    (['--batch-size', '64'], 'has 36 images, fewer than one batch of 64'),
+])
+def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
+        train.main(train_args(data_dir, tmp_path, 'bad', 'mixpro', 1, *extra))
+
+
+def test_validate_with_another_model_or_a_bad_results_file_is_one_line(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
+    path = str(tmp_path / 'run' / 'last.pth.tar')
+    with pytest.raises(SystemExit, match="does not fit model 'resnet18'"):
+        validate.main(['--checkpoint', path, '--workers', '0', '--model', 'resnet18'])
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SystemExit, match='--results-file .*cannot create its folder'):
+        validate.main(['--checkpoint', path, '--workers', '0', '--results-file', str(tmp_path / 'file' / 'x.json')])
+    assert math.isfinite(_load(path)['metric'])
