@@ -1,5 +1,6 @@
 """MixPro: MaskMix + Progressive Attention Labeling (ICLR 2023) and TransMix on stock timm models."""
 from . import models  # registers pvt_* and ca_swin_* with timm and the probe
+from . import augment  # noqa: F401  timm's RandAugment posterize(bits=0) raises on Pillow 13: patched
 from .masks import token_membership
 from .mixer import METHODS, Mixer, MixStep
 from .probe import AttentionProbe, AttentionSource, find_attention_source, register_attention_source
