@@ -9,6 +9,7 @@ epoch and with data-loading workers, sees exactly the images an uninterrupted ru
 """
 import os
 import random
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -172,6 +173,14 @@ def _seeded(seed: int):
         torch.set_rng_state(saved[2])
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Data-loading workers ignore the stop signals (a cluster sends them to every process of the job):
+    the training process decides when to stop and ends its workers itself; a worker killed by one would
+    crash the run instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     """timm's training transforms, random erasing and repeated-aug / distributed order, with the
     resumable ``EpochSampler``; on CUDA timm's prefetcher normalises and erases on the device."""
@@ -197,7 +206,7 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
         num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=args.workers > 0,
-        collate_fn=fast_collate if prefetch else None,
+        collate_fn=fast_collate if prefetch else None, worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator())   # worker seeds must not draw from the training process's generator
     if prefetch:
         loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
@@ -212,5 +221,5 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers, pin_memory=pin_mem)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin_mem, worker_init_fn=_ignore_stop_signals)

@@ -67,7 +67,8 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, distributed: bool = False):
-        self.signum = 0
+        self.received = 0    # set by the handler, on this rank
+        self.signum = 0      # agreed by all ranks in requested()
         self._previous = {}
         self._group = dist.new_group(backend='gloo') if distributed else None
 
@@ -81,13 +82,14 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, _frame) -> None:
-        self.signum = self.signum or signum   # no printing here: the handler may interrupt a print
+        self.received = self.received or signum   # no printing here: the handler may interrupt a print
 
     def requested(self) -> bool:
+        # a signal that lands during the all-reduce stays in `received` for the next call
+        flag = torch.tensor([self.received])
         if self._group is not None:
-            flag = torch.tensor([self.signum])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            self.signum = int(flag)
+        self.signum = int(flag)
         return self.signum != 0
 
     @property

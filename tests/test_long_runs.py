@@ -337,3 +337,32 @@ def test_validate_with_another_model_or_a_bad_results_file_is_one_line(data_dir,
     with pytest.raises(SystemExit, match='--results-file .*cannot create its folder'):
         validate.main(['--checkpoint', path, '--workers', '0', '--results-file', str(tmp_path / 'file' / 'x.json')])
     assert math.isfinite(_load(path)['metric'])
+
+
+def _torchrun(args, **popen):
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    return subprocess.Popen([*launch, str(REPO / 'train.py'), *args], cwd=REPO, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, **popen)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(data_dir, tmp_path):
+    extra = ('--batch-size', '4', '--workers', '1', '--log-interval', '1', '--image-grid-interval', '0')
+    assert _torchrun(train_args(data_dir, tmp_path, 'straight', 'transmix', 3, *extra)).wait(timeout=300) == 0
+    args = train_args(data_dir, tmp_path, 'stopped', 'transmix', 3, *extra)
+    proc = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('epoch 1 ['):
+            proc.send_signal(signal.SIGTERM)        # torchrun forwards it to every rank (and their workers)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    assert 'SIGTERM: stopped' in ''.join(lines), ''.join(lines)[-3000:]
+    assert _torchrun(args).wait(timeout=300) == 0
+    straight = _load(tmp_path / 'straight' / 'last.pth.tar')
+    resumed = _load(tmp_path / 'stopped' / 'last.pth.tar')
+    assert len(resumed['rng_states']) == 2
+    for name, tensor in straight['state_dict'].items():
+        assert torch.equal(tensor, resumed['state_dict'][name]), f'{name} differs after the resume under torchrun'
+    assert read_summary(tmp_path / 'stopped') == read_summary(tmp_path / 'straight')
