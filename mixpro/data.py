@@ -205,7 +205,8 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     sampler = EpochSampler(order, args.batch_size, args.seed, dist_info.rank)
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
-        num_workers=args.workers, pin_memory=args.pin_mem, persistent_workers=args.workers > 0,
+        num_workers=args.workers, pin_memory=args.pin_mem and dist_info.device.type == 'cuda',
+        persistent_workers=args.workers > 0,
         collate_fn=fast_collate if prefetch else None, worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator())   # worker seeds must not draw from the training process's generator
     if prefetch:
@@ -222,4 +223,5 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin_mem, worker_init_fn=_ignore_stop_signals)
+                                       pin_memory=pin_mem and dist_info.device.type == 'cuda',
+                                       worker_init_fn=_ignore_stop_signals)

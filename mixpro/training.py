@@ -228,6 +228,9 @@ def run(args) -> dict:
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
         scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
+        if scaler is not None and device.type == 'cpu' and primary:
+            print('note: float16 autocast on the CPU is many times slower than float32; --amp-dtype bfloat16 '
+                  'or --no-amp for CPU runs', flush=True)
 
         loader = train_loader(train_set, data_config, args, dist_info)
         if len(loader) == 0:
