@@ -70,7 +70,7 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:
-        reason = str(err).strip() or type(err).__name__
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f'checkpoint {path} cannot be read: {reason}') from err
 
 

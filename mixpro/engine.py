@@ -66,6 +66,15 @@ class _Means:
     def mean(self, name) -> Optional[float]:
         return float(self.sums[name]) / self.counts[name] if self.counts.get(name) else None
 
+    def mean_over_ranks(self, name) -> Optional[float]:
+        """The mean over every rank's steps (collective: call it on all ranks)."""
+        if not self.counts.get(name):
+            return None
+        total = all_reduce_sum(torch.stack([self.sums[name].double(),
+                                            torch.tensor(float(self.counts[name]), device=self.device,
+                                                         dtype=torch.float64)]))
+        return float(total[0] / total[1])
+
     def state_dict(self) -> dict:
         return {'sums': {k: float(v) for k, v in self.sums.items()}, 'counts': dict(self.counts)}
 
@@ -156,7 +165,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
             break
     watch.check(epoch, steps, optimizer.param_groups[0]['lr'])
     elapsed = time.time() - start
-    metrics = {'loss': means.mean('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
+    metrics = {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
                'partial_means': means.state_dict() if steps_done < steps else None,
                'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
                'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),

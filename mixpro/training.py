@@ -118,17 +118,18 @@ def restore_training_state(path, args, model, optimizer, scheduler, scaler) -> d
     return state
 
 
-# ---- per-rank random state, so a resumed run continues the same random streams ----------------
-def rank_rng_state(mixer: Mixer) -> dict:
+# ---- per-rank state (random streams, an interrupted epoch's running sums), so a resumed run continues -----
+def rank_state(mixer: Mixer, partial_means: Optional[dict] = None) -> dict:
     state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]),
-             'python_gauss_next': random.getstate()[2], 'mixer': mixer.state_dict()}
+             'python_gauss_next': random.getstate()[2], 'mixer': mixer.state_dict(),
+             'partial_means': partial_means}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
-def gather_rng_states(mixer: Mixer, dist_info: DistInfo) -> list:
-    state = rank_rng_state(mixer)
+def gather_rank_states(mixer: Mixer, dist_info: DistInfo, partial_means: Optional[dict] = None) -> list:
+    state = rank_state(mixer, partial_means)
     if not dist_info.distributed:
         return [state]
     states = [None] * dist_info.world_size
@@ -136,12 +137,19 @@ def gather_rng_states(mixer: Mixer, dist_info: DistInfo) -> list:
     return states
 
 
-def restore_rng_state(states: list, mixer: Mixer, dist_info: DistInfo) -> None:
+def own_rank_state(states: Optional[list], dist_info: DistInfo) -> Optional[dict]:
+    """This rank's entry of a checkpoint's per-rank states; None (with a note) when the world size changed."""
+    if states is None:
+        return None
     if len(states) != dist_info.world_size:
-        print(f'checkpoint has random state for {len(states)} ranks, this run has {dist_info.world_size}: '
-              f'random streams restart from the seed', flush=True)
-        return
-    state = states[dist_info.rank]
+        if dist_info.is_primary:
+            print(f'checkpoint has random state for {len(states)} ranks, this run has {dist_info.world_size}: '
+                  f'random streams restart from the seed', flush=True)
+        return None
+    return states[dist_info.rank]
+
+
+def restore_rng_state(state: dict, mixer: Mixer, dist_info: DistInfo) -> None:
     torch.set_rng_state(state['torch'])
     random.setstate((3, tuple(state['python']), state['python_gauss_next']))
     mixer.load_state_dict(state['mixer'])
@@ -176,8 +184,8 @@ def check_image_geometry(args, image_size: int, token_size: int) -> None:
                           f'{token_size})')
 
 
-def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rng_states, resume_at,
-                   num_classes, class_to_idx, evals=None, partial_means=None) -> dict:
+def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
+                   num_classes, class_to_idx, evals=None) -> dict:
     """What a checkpoint holds; restore_training_state() reads it back."""
     return {
         'epoch': epoch, 'resume_at': list(resume_at), 'arch': args.model, 'num_classes': num_classes,
@@ -185,8 +193,7 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rng_st
         'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler else None,
         'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-        'metric': evals['eval']['top1'] if evals else None, 'eval_metrics': evals, 'rng_states': rng_states,
-        'partial_means': partial_means,
+        'metric': evals['eval']['top1'] if evals else None, 'eval_metrics': evals, 'rng_states': rank_states,
     }
 
 
@@ -282,15 +289,16 @@ def run(args) -> dict:
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
                   f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
                   f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
-        if state.get('rng_states') is not None:
-            restore_rng_state(state['rng_states'], mixer, dist_info)
+        resumed_rank = own_rank_state(state.get('rng_states'), dist_info) or {}
+        if resumed_rank:
+            restore_rng_state(resumed_rank, mixer, dist_info)
         stop = StopRequest(dist_info.distributed)
         stop.install()
 
-        def checkpoint(epoch, resume_at, evals=None, partial_means=None):   # every rank: the RNG gather is collective
-            rng_states = gather_rng_states(mixer, dist_info)
-            return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rng_states, resume_at,
-                                  num_classes, class_to_idx, evals, partial_means) if primary else None
+        def checkpoint(epoch, resume_at, evals=None, partial_means=None):   # every rank: the gather is collective
+            rank_states = gather_rank_states(mixer, dist_info, partial_means)
+            return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
+                                  num_classes, class_to_idx, evals) if primary else None
 
         loss_fn = SoftTargetCrossEntropy()
         result = {}
@@ -305,7 +313,7 @@ def run(args) -> dict:
                 epoch, train_model, loader, optimizer, loss_fn, mixer, probe, device=device, amp=amp,
                 scaler=scaler, ema=ema, scheduler=scheduler, num_updates=num_updates, args=args,
                 world_size=dist_info.world_size, is_primary=primary, keep_samples=grid_epoch,
-                start_step=first_step, partial_means=state.get('partial_means') if first_step else None,
+                start_step=first_step, partial_means=resumed_rank.get('partial_means') if first_step else None,
                 stop=stop)
             if train_metrics['steps_done'] < train_metrics['steps']:    # asked to stop: save where we are
                 saved = checkpoint(epoch, (epoch, train_metrics['steps_done']),
