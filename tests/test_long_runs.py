@@ -366,3 +366,12 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(da
     for name, tensor in straight['state_dict'].items():
         assert torch.equal(tensor, resumed['state_dict'][name]), f'{name} differs after the resume under torchrun'
     assert read_summary(tmp_path / 'stopped') == read_summary(tmp_path / 'straight')
+
+
+def test_resume_none_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1))
+    before = _load(tmp_path / 'kept' / 'last.pth.tar')['state_dict']
+    with pytest.raises(SystemExit, match='--resume none, but .*kept holds the checkpoints of an earlier run'):
+        train.main([*train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1), '--resume', 'none'])
+    after = _load(tmp_path / 'kept' / 'last.pth.tar')['state_dict']
+    assert all(torch.equal(before[k], after[k]) for k in before)
