@@ -5,7 +5,8 @@
     python scripts/table1.py report [--runs output/] [--csv table1.csv] [--markdown table1.md]
 
 `plan` prints one launch command per run (42 runs, recipes configs/<model>_<method>.yaml); with
-`--slurm DIR` it writes one sbatch file per run into DIR plus DIR/submit_all.sh. `report` reads the
+`--slurm DIR` it writes one sbatch file per run into DIR plus DIR/submit_all.sh (each job requeues itself
+at the time limit until its run is done, see scripts/slurm_train.sbatch). `report` reads the
 run folders output/<model>_<method>/ (via compare_runs.py) and prints Table 1 beside the paper's
 numbers: reproduced top-1 (final and best, EMA best noted), the difference to the paper, and which
 runs are missing or unfinished.
@@ -65,19 +66,38 @@ def launch_command(config: str, args) -> str:
     return ' '.join(shlex.quote(a) if not a.startswith('$') else a for a in launcher + train)
 
 
+# Slurm: the same time-limit signal and requeue as scripts/slurm_train.sbatch (see there): 300 s before
+# the limit the batch shell gets SIGUSR1, train.py saves mid-epoch, the job requeues and resumes.
+SLURM_SIGNAL = 'B:USR1@300'
+
+
+def recipe_workers(config: str) -> int:
+    """The recipe's data-loading processes per GPU (``workers``, after ``base:`` and defaults)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from mixpro.config import parse_train_args
+    return parse_train_args(['--config', str(REPO / config)]).workers
+
+
 def sbatch_file(run: str, config: str, args) -> str:
+    # per node: one training process per GPU plus its data workers
+    cpus = args.gpus_per_node * (recipe_workers(config) + 1)
     return '\n'.join([
         '#!/bin/bash',
         f'#SBATCH --job-name={run}',
         f'#SBATCH --nodes={args.nodes}',
         '#SBATCH --ntasks-per-node=1',
         f'#SBATCH --gpus-per-node={args.gpus_per_node}',
-        '#SBATCH --cpus-per-task=64',
+        f'#SBATCH --cpus-per-task={cpus}',
         '#SBATCH --time=72:00:00',
+        f'#SBATCH --signal={SLURM_SIGNAL}',
+        '#SBATCH --requeue',
+        '#SBATCH --open-mode=append',
         f'#SBATCH --output=slurm-{run}-%j.out',
         f'export GPUS_PER_NODE={args.gpus_per_node}',
         f'export MIXPRO_REPO={shlex.quote(str(REPO))}',
         f'cd "$MIXPRO_REPO"',
+        '# exec: the signals Slurm sends to this shell reach slurm_train.sbatch, which forwards them and requeues',
         f'exec bash scripts/slurm_train.sbatch {shlex.quote(config)} --data-dir {shlex.quote(args.data_dir)} '
         f'--output {shlex.quote(args.output)}',
         '',

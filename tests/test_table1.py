@@ -1,6 +1,8 @@
 """scripts/table1.py: the launch plan and the report against the paper's Table 1."""
+import argparse
 import csv
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,25 @@ def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
     assert any('configs/ca_swin_s_mixpro.yaml' in c for c in commands)
     assert len(list((tmp_path / 'sbatch').glob('*.sbatch'))) == 42
     assert (tmp_path / 'sbatch' / 'submit_all.sh').read_text().count('sbatch ') == 42
+
+
+def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tmp_path, capsys):
+    from mixpro.config import parse_train_args
+    planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path)])
+    capsys.readouterr()
+    for run, config in planned:
+        text = (tmp_path / f'{run}.sbatch').read_text()
+        header = dict(re.findall(r'^#SBATCH --([\w-]+)(?:=(\S+))?$', text, re.M))
+        assert header['signal'] == 'B:USR1@300' and 'requeue' in header and header['open-mode'] == 'append'
+        workers = parse_train_args(['--config', str(REPO / config)]).workers
+        assert int(header['cpus-per-task']) == 4 * (workers + 1)
+        assert header['nodes'] == '2' and header['gpus-per-node'] == '4'
+        assert re.search(r'^exec bash scripts/slurm_train\.sbatch ' + re.escape(config) + ' ', text, re.M)
+    # the cpus follow the recipe's workers (quickstart: workers 2), not a fixed number
+    args = argparse.Namespace(nodes=1, gpus_per_node=2, data_dir='/d', output='out')
+    text = table1.sbatch_file('q', 'configs/quickstart_mixpro.yaml', args)
+    workers = parse_train_args(['--config', str(REPO / 'configs' / 'quickstart_mixpro.yaml')]).workers
+    assert f'#SBATCH --cpus-per-task={2 * (workers + 1)}\n' in text
 
 
 def test_report_puts_runs_beside_the_paper(tmp_path, capsys):
