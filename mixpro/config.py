@@ -41,6 +41,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     flag = argparse.BooleanOptionalAction
     group = parser.add_argument_group('data')
     group.add_argument('--data-dir', default='data/digits', help='ImageFolder root with train/ and val/')
+    group.add_argument('--dataset', default='',
+                       help="timm dataset name: '' = ImageFolder; torch/cifar10, torch/cifar100, torch/fashion_mnist, "
+                            "... (torchvision layout under --data-dir), hfds/<name>, wds/<name>")
+    group.add_argument('--dataset-download', action=flag, default=False,
+                       help='let torch/ datasets download into --data-dir (off: nothing is downloaded)')
     group.add_argument('--train-split', default='train')
     group.add_argument('--val-split', default='val')
     group.add_argument('--num-classes', type=int, default=None, help='default: number of train class folders')
@@ -62,6 +67,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--model', default='deit_tiny_patch16_224')
     group.add_argument('--model-kwargs', nargs='*', action=_KeyValueAction, default={},
                        help='extra timm create_model arguments, key=value')
+    group.add_argument('--pretrained', action=flag, default=False,
+                       help="start from timm's pretrained weights for --model (a new run, unlike --resume)")
+    group.add_argument('--initial-checkpoint', default='',
+                       help='start from these weights: a train.py checkpoint, a timm / official state dict or a '
+                            '.safetensors file (a new run, unlike --resume)')
     group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     group.add_argument('--drop-path', type=float, default=0.1)
     group.add_argument('--channels-last', action=flag, default=False)
@@ -72,6 +82,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--opt', default='adamw')
     group.add_argument('--opt-eps', type=float, default=1e-8)
     group.add_argument('--opt-betas', type=float, nargs=2, default=None)
+    group.add_argument('--opt-kwargs', nargs='*', action=_KeyValueAction, default={},
+                       help='extra optimizer arguments, key=value (timm create_optimizer_v2)')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay (timm), e.g. 0.65')
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--weight-decay', type=float, default=0.05)
     group.add_argument('--clip-grad', type=float, default=None)
@@ -81,6 +94,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--lr-base-size', type=int, default=512, help='global batch at which lr = lr_base')
     group.add_argument('--lr-base-scale', default='linear', choices=['linear', 'sqrt'])
     group.add_argument('--sched', default='cosine')
+    group.add_argument('--sched-on-updates', action=flag, default=False,
+                       help='step the lr schedule (and its warmup) every optimizer update instead of every epoch')
     group.add_argument('--epochs', type=int, default=300)
     group.add_argument('--warmup-epochs', type=int, default=5)
     group.add_argument('--warmup-lr', type=float, default=1e-6)
@@ -102,6 +117,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--recount', type=int, default=1)
     group.add_argument('--aug-repeats', type=int, default=0, help='repeated augmentation (DeiT: 3)')
     group.add_argument('--smoothing', type=float, default=0.1)
+    group.add_argument('--bce-loss', action=flag, default=False,
+                       help='binary cross-entropy on the (mixed, attention-labelled) soft targets instead of CE')
 
     group = parser.add_argument_group('mixing (MixPro, TransMix, Mixup/CutMix)')
     group.add_argument('--mix-method', default='mixpro', choices=list(METHODS))
@@ -124,6 +141,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('EMA, precision, run')
     group.add_argument('--model-ema', action=flag, default=False)
     group.add_argument('--model-ema-decay', type=float, default=0.99996)
+    group.add_argument('--model-ema-warmup', action=flag, default=False,
+                       help="warm the EMA decay up from 0 (timm ModelEmaV3 use_warmup)")
     group.add_argument('--amp', action=flag, default=False)
     group.add_argument('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
     group.add_argument('--seed', type=int, default=42)
@@ -279,10 +298,10 @@ VALUE_RULES = {
                      'image_grid_interval', 'aug_repeats', 'mixup_off_epoch'], _AT_LEAST_0),
     **dict.fromkeys(['lr', 'lr_base', 'clip_grad'], _POSITIVE),
     **dict.fromkeys(['reprob', 'mixup_prob', 'mixup_switch_prob', 'maskmix_prob', 'smoothing', 'pal_smoothing',
-                     'hflip', 'vflip', 'model_ema_decay'], _PROBABILITY),
+                     'hflip', 'vflip', 'model_ema_decay', 'layer_decay'], _PROBABILITY),
     **dict.fromkeys(['drop', 'drop_path'], _RATE),
 }
-_UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'clip_grad'}
+_UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'clip_grad', 'layer_decay'}
 # named by the YAML key rather than the flag: tests/test_train.py matches this wording
 _KEY_NAMED = {'checkpoint_hist'}
 
