@@ -15,7 +15,11 @@ from mixpro.validation import run
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True, help='a .pth.tar written by train.py')
-    parser.add_argument('--data-dir', default=None, help="ImageFolder root (default: the training run's)")
+    parser.add_argument('--data-dir', default=None,
+                        help="ImageFolder root with <split>/<class>/, or a --dataset's folder (default: the run's)")
+    parser.add_argument('--dataset', default=None,
+                        help="timm dataset name, e.g. torch/cifar100 (default: the checkpoint's; '' = ImageFolder)")
+    parser.add_argument('--dataset-download', action='store_true', help='let torch/ datasets download into --data-dir')
     parser.add_argument('--split', default='val')
     parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights')
     parser.add_argument('--model', default=None, help="timm model name (default: the checkpoint's)")

@@ -1,4 +1,5 @@
-"""Datasets and loaders from timm's parts, ImageFolder layout ``<data_dir>/{train,val}/<class>/*``.
+"""Datasets and loaders from timm's parts: the ImageFolder layout ``<data_dir>/{train,val}/<class>/*``, or a
+timm dataset name (``--dataset torch/cifar100``, ``hfds/<name>``) read under ``--data-dir``.
 
 Both splits use one class index, train's (or ``--class-map``'s), so a class missing from val, an empty
 folder or a stray file can never shift the labels of the other split.
@@ -7,6 +8,7 @@ Training order and augmentation are a pure function of (seed, rank, epoch, posit
 sample's augmentation is seeded on its own, so a resumed run, even one resumed in the middle of an
 epoch and with data-loading workers, sees exactly the images an uninterrupted run sees.
 """
+import importlib.util
 import os
 import random
 import signal
@@ -17,6 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from timm.data import create_dataset, create_transform
+from torchvision import transforms
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.loader import PrefetchLoader, fast_collate
@@ -100,8 +103,66 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
     return dataset
 
 
+# timm dataset prefixes read as streams: this trainer needs random access (resume mid-epoch at a
+# batch, evaluate every image exactly once under DDP), which these readers do not give
+_STREAMING = ('wds', 'tfds', 'hfids')
+_PACKAGES = {'hfds': 'datasets'}   # prefix -> the package timm's reader imports
+
+
+def named_dataset(name: str, data_dir: str, split: str, is_training: bool, download: bool = False):
+    """A timm dataset by name (``torch/cifar100``, ``hfds/<name>``, ...) under ``data_dir``."""
+    prefix = name.partition('/')[0].lower()
+    if prefix in _STREAMING:
+        raise ConfigError(f'--dataset {name}: streaming datasets ({", ".join(p + "/" for p in _STREAMING)}) are '
+                          f'not supported (resuming mid-epoch and exact DDP evaluation need random access); '
+                          f'use an ImageFolder, a torch/ dataset or hfds/')
+    package = _PACKAGES.get(prefix)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--dataset {name} needs the '{package}' package: pip install {package}")
+    if not download:   # Hugging Face readers would fetch what is not cached: nothing is downloaded unless asked
+        os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+        os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    try:
+        dataset = create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
+    except (AssertionError, RuntimeError, OSError, ValueError) as err:
+        hint = '' if download or prefix != 'torch' else ' (--dataset-download fetches it into --data-dir)'
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {reason}{hint}') from err
+    if len(dataset) == 0:
+        raise ConfigError(f'--dataset {name} ({split}) under {data_dir} holds no images')
+    return dataset
+
+
+def build_dataset(args, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None):
+    """``--dataset`` when given, else the ImageFolder under ``--data-dir`` (val with train's class index)."""
+    if args.dataset:
+        return named_dataset(args.dataset, args.data_dir, split, is_training, args.dataset_download)
+    return image_folder(args.data_dir, split, is_training, class_to_idx, args.class_map)
+
+
+def class_index_of(dataset) -> Dict[str, int]:
+    """``{class name: label}`` of an ImageFolder, a torchvision or a Hugging Face dataset."""
+    reader = getattr(dataset, 'reader', None)
+    mapping = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+    if mapping:
+        return dict(mapping)
+    return {str(name): i for i, name in enumerate(getattr(dataset, 'classes', []))}
+
+
 def num_classes_of(dataset) -> int:
-    return len(dataset.reader.class_to_idx)
+    return len(class_index_of(dataset))
+
+
+class ToRGB:
+    """torchvision datasets hand over their own image mode (FashionMNIST: 'L'); timm's transforms and the
+    models expect RGB, as timm's ImageFolder reader gives."""
+
+    def __call__(self, img):
+        return img.convert('RGB')
+
+
+def _with_rgb(dataset, transform):
+    return transform if hasattr(dataset, 'reader') else transforms.Compose([ToRGB(), transform])
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -191,11 +252,11 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
               flush=True)
         aug_repeats = 0
     prefetch = dist_info.device.type == 'cuda'
-    dataset.transform = create_transform(
+    dataset.transform = _with_rgb(dataset, create_transform(
         data_config['input_size'], is_training=True, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch))
     if aug_repeats:
         order = RepeatAugSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                  num_repeats=aug_repeats)
@@ -218,9 +279,9 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
 
 def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False):
     """Deterministic eval loader; under DDP each rank reads a disjoint shard (see ShardSampler)."""
-    dataset.transform = create_transform(
+    dataset.transform = _with_rgb(dataset, create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct']))
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=pin_mem and dist_info.device.type == 'cuda',

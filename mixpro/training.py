@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 
 from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
-from .data import eval_loader, image_folder, num_classes_of, train_loader
+from .data import build_dataset, class_index_of, eval_loader, num_classes_of, train_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import evaluate, train_one_epoch, updates_per_epoch
 from .logger import RunLogger, format_eta
@@ -198,7 +198,7 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_s
 
 
 # issue 8 options, parsed but not wired yet: refused rather than silently ignored (removed one by one)
-_NOT_WIRED_YET = {'dataset': '', 'dataset_download': False, 'pretrained': False, 'initial_checkpoint': '',
+_NOT_WIRED_YET = {'pretrained': False, 'initial_checkpoint': '',
                   'opt_kwargs': {}, 'layer_decay': None, 'sched_on_updates': False, 'bce_loss': False,
                   'model_ema_warmup': False}
 
@@ -215,10 +215,9 @@ def run(args) -> dict:
     lock, stop, logger = RunLock(run_dir), None, None
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
-        train_set = image_folder(args.data_dir, args.train_split, is_training=True, class_map=args.class_map)
-        class_to_idx = dict(train_set.reader.class_to_idx)
-        val_set = image_folder(args.data_dir, args.val_split, is_training=False, class_to_idx=class_to_idx,
-                               class_map=args.class_map)
+        train_set = build_dataset(args, args.train_split, is_training=True)
+        class_to_idx = class_index_of(train_set)
+        val_set = build_dataset(args, args.val_split, is_training=False, class_to_idx=class_to_idx)
         num_classes = args.num_classes or num_classes_of(train_set)
         args.num_classes = num_classes
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
@@ -250,7 +249,8 @@ def run(args) -> dict:
 
         loader = train_loader(train_set, data_config, args, dist_info)
         if len(loader) == 0:
-            raise ConfigError(f'{Path(args.data_dir) / args.train_split} has {len(train_set)} images, fewer than '
+            split = f'{args.dataset} ({args.train_split})' if args.dataset else Path(args.data_dir) / args.train_split
+            raise ConfigError(f'{split} has {len(train_set)} images, fewer than '
                               f'one batch of {args.batch_size} per process: lower --batch-size')
         val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
                                  args.workers, dist_info, args.pin_mem)

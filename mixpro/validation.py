@@ -10,7 +10,7 @@ import torch
 from timm.data import resolve_data_config
 
 from .checkpoint import load_checkpoint
-from .data import eval_loader, image_folder, num_classes_of
+from .data import build_dataset, eval_loader, num_classes_of
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
 from .training import build_model   # the same model construction as training
@@ -73,15 +73,16 @@ def run(args) -> dict:
     try:
         model, train_args, class_to_idx = load_model_from_checkpoint(args.checkpoint, args.model, args.use_ema, args.img_size)
         data_dir = args.data_dir or train_args.data_dir
-        if class_to_idx:   # the run's own class index: a split missing some classes keeps its labels
-            dataset = image_folder(data_dir, args.split, is_training=False, class_to_idx=class_to_idx,
-                                   class_map=getattr(train_args, 'class_map', ''))
-        else:              # checkpoints of older versions: the split's folders must match in number
-            dataset = image_folder(data_dir, args.split, is_training=False)
-            classes = num_classes_of(dataset)
-            if classes != train_args.num_classes:
-                raise ValueError(f'checkpoint {args.checkpoint} was trained for {train_args.num_classes} classes '
-                                 f'but {Path(data_dir) / args.split} has {classes} class folders')
+        data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download,
+                              dataset=getattr(train_args, 'dataset', '') if args.dataset is None else args.dataset,
+                              class_map=getattr(train_args, 'class_map', ''))
+        dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
+        classes = num_classes_of(dataset)
+        if (data_args.dataset or not class_to_idx) and classes != train_args.num_classes:
+            # the run's own class index labels an ImageFolder (a split missing some classes is fine);
+            # other datasets, and checkpoints of older versions, must have the run's class count
+            raise ValueError(f'checkpoint {args.checkpoint} was trained for {train_args.num_classes} classes '
+                             f'but {data_args.dataset or Path(data_dir) / args.split} has {classes} classes')
         if args.crop_pct is not None:
             train_args.crop_pct = args.crop_pct
         data_config = resolve_data_config(vars(train_args), model=model)
@@ -93,7 +94,8 @@ def run(args) -> dict:
             print(f'precision: {precision_note}', flush=True)
         metrics = evaluate(model, loader, dist_info.device, amp)
         results = {'checkpoint': str(args.checkpoint), 'model': train_args.model, 'ema': bool(args.use_ema),
-                   'split': str(Path(data_dir) / args.split), 'samples': metrics['count'],
+                   'split': f'{data_args.dataset}:{args.split}' if data_args.dataset else str(Path(data_dir) / args.split),
+                   'samples': metrics['count'],
                    'top1': metrics['top1'], 'top5': metrics['top5'], 'loss': metrics['loss'],
                    'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
         if dist_info.is_primary:
