@@ -1,6 +1,7 @@
 """--dataset: torchvision datasets in their standard layout, written by the tests (nothing is downloaded)."""
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import validate
 from conftest import TINY
 from mixpro.config import parse_train_args
 from mixpro.data import build_dataset, num_classes_of
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_cifar(root, classes=10, train=24, test=12, fine=False):
@@ -107,3 +110,15 @@ def test_unsupported_or_unavailable_datasets_are_one_line(tmp_path, name, messag
         pytest.skip('the datasets package is installed here')
     with pytest.raises(SystemExit, match=message):
         train.main(cifar_args(tmp_path, tmp_path, name))
+
+
+@pytest.mark.parametrize('method', ['baseline', 'transmix', 'mixpro'])
+def test_cifar100_recipes_train_an_epoch(tmp_path, no_md5, method):
+    root = write_cifar(tmp_path / 'c100', classes=100, train=100, test=50, fine=True)
+    config = REPO / 'configs' / f'cifar100_{method}.yaml'
+    result = train.main(['--config', str(config), '--data-dir', str(root), '--model-kwargs', 'depth=1',
+                         '--batch-size', '16', '--epochs', '1', '--workers', '0', '--device', 'cpu',
+                         '--output', str(tmp_path / 'out'), '--log-interval', '0'])
+    assert result['eval']['count'] == 50
+    args = parse_train_args(['--config', str(config)])
+    assert args.img_size % 4 == 0 and args.mask_cell % 4 == 0 and args.img_size // args.mask_cell >= 2

@@ -77,7 +77,7 @@ def test_every_config_parses(path):
 
 def test_exactly_the_42_table1_recipes_exist():
     found = {p.stem for p in CONFIGS.glob('*.yaml')
-             if p.stem.endswith(tuple(f'_{m}' for m in METHODS)) and not p.stem.startswith('quickstart')}
+             if p.stem.endswith(tuple(f'_{m}' for m in METHODS)) and not p.stem.startswith(('quickstart', 'cifar100'))}
     expected = {f'{prefix}_{method}' for prefix, method in TABLE1}
     assert len(expected) == 42
     assert found == expected, f'missing {sorted(expected - found)}, unexpected {sorted(found - expected)}'
