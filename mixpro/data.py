@@ -9,6 +9,7 @@ sample's augmentation is seeded on its own, so a resumed run, even one resumed i
 epoch and with data-loading workers, sees exactly the images an uninterrupted run sees.
 """
 import importlib.util
+import multiprocessing
 import os
 import random
 import signal
@@ -242,6 +243,22 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _worker_options(workers: int, pin_memory: bool, device) -> dict:
+    """DataLoader worker settings shared by both loaders. Workers are started once (persistent) from a
+    forkserver: forking the training process, which runs threads (TensorBoard's writer, the loaders'
+    feeders, gloo), can deadlock the child (seen with CPython 3.11 under torchrun). Worker seeds come from
+    a private generator: starting workers must not draw from the training process's random stream."""
+    options = dict(num_workers=workers, pin_memory=pin_memory and device.type == 'cuda',
+                   worker_init_fn=_ignore_stop_signals, generator=torch.Generator())
+    if workers > 0:
+        options.update(persistent_workers=True, multiprocessing_context=_FORKSERVER)
+    return options
+
+
+_FORKSERVER = multiprocessing.get_context('forkserver')
+_FORKSERVER.set_forkserver_preload(['mixpro.data'])   # torch and timm imported once, in the server
+
+
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     """timm's training transforms, random erasing and repeated-aug / distributed order, with the
     resumable ``EpochSampler``; on CUDA timm's prefetcher normalises and erases on the device."""
@@ -266,10 +283,7 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     sampler = EpochSampler(order, args.batch_size, args.seed, dist_info.rank)
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
-        num_workers=args.workers, pin_memory=args.pin_mem and dist_info.device.type == 'cuda',
-        persistent_workers=args.workers > 0,
-        collate_fn=fast_collate if prefetch else None, worker_init_fn=_ignore_stop_signals,
-        generator=torch.Generator())   # worker seeds must not draw from the training process's generator
+        collate_fn=fast_collate if prefetch else None, **_worker_options(args.workers, args.pin_mem, dist_info.device))
     if prefetch:
         loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
                                 device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
@@ -283,6 +297,5 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct']))
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin_mem and dist_info.device.type == 'cuda',
-                                       worker_init_fn=_ignore_stop_signals)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       **_worker_options(workers, pin_mem, dist_info.device))

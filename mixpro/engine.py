@@ -43,6 +43,12 @@ def optimizer_step(loss, optimizer, scaler=None, clip_grad=None, clip_mode='norm
     optimizer.zero_grad(set_to_none=True)
 
 
+def current_lr(optimizer) -> float:
+    """The run's lr: the largest over parameter groups (with --layer-decay the first group is the stem,
+    whose lr is scaled down the most)."""
+    return max(group['lr'] for group in optimizer.param_groups)
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: the run stops before it writes such weights."""
 
@@ -152,18 +158,18 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
                 means.add('alpha', step.alpha.mean())
         logging_step = args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == steps)
         if logging_step:
-            watch.check(epoch, steps, optimizer.param_groups[0]['lr'])
+            watch.check(epoch, steps, current_lr(optimizer))
         if is_primary and logging_step:
             now = time.time()
             rate = images_seen * world_size / max(now - start, 1e-9)
             eta = (now - start) / (i + 1 - start_step) * (steps - i - 1)
             print(f'epoch {epoch} [{i + 1:>4d}/{steps} ({100 * (i + 1) / steps:3.0f}%)] '
-                  f'loss {means.mean("loss"):.4f} lr {optimizer.param_groups[0]["lr"]:.3e} '
+                  f'loss {means.mean("loss"):.4f} lr {current_lr(optimizer):.3e} '
                   f'{rate:.0f} img/s eta {format_eta(eta)}', flush=True)
         if update and stop is not None and i + 1 < steps and stop.requested():
             steps_done = i + 1
             break
-    watch.check(epoch, steps, optimizer.param_groups[0]['lr'])
+    watch.check(epoch, steps, current_lr(optimizer))
     elapsed = time.time() - start
     metrics = {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
                'partial_means': means.state_dict() if steps_done < steps else None,

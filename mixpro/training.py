@@ -1,6 +1,7 @@
 """A whole training run: build everything from the options, then epoch after epoch."""
 import math
 import random
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,7 +11,7 @@ import timm
 import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -19,7 +20,8 @@ from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
 from .data import build_dataset, class_index_of, eval_loader, num_classes_of, train_loader
 from .distributed import DistInfo, barrier, cleanup, init_distributed
-from .engine import evaluate, train_one_epoch, updates_per_epoch
+from .engine import current_lr, evaluate, train_one_epoch, updates_per_epoch
+from .finetune import load_initial_weights
 from .logger import RunLogger, format_eta
 from .mixer import Mixer
 from .probe import AttentionProbe, find_attention_source
@@ -29,7 +31,9 @@ NEEDS_ATTENTION = ('transmix', 'mixpro')
 
 
 def build_model(args, num_classes: int):
-    """timm model from the options; ``img_size`` goes to models that size their position embedding."""
+    """timm model from the options; ``img_size`` goes to models that size their position embedding.
+    Always randomly initialised: ``--pretrained`` / ``--initial-checkpoint`` weights are loaded by run()
+    for a new run only (finetune.py), so a resumed run or validate.py never fetches them."""
     kwargs = dict(args.model_kwargs or {})
     common = dict(pretrained=False, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     try:
@@ -77,10 +81,44 @@ def resolve_lr(args, world_size: int) -> float:
     return args.lr_base * (ratio if args.lr_base_scale == 'linear' else ratio ** 0.5)
 
 
+# optimizer arguments that have their own option: --opt-kwargs may not set them behind its back
+_OPT_OWN_OPTIONS = {'opt': '--opt', 'lr': '--lr', 'weight_decay': '--weight-decay', 'momentum': '--momentum',
+                    'eps': '--opt-eps', 'layer_decay': '--layer-decay'}
+
+
+def build_optimizer(model, args, lr: float):
+    """timm's ``create_optimizer_v2`` as timm's train.py calls it: ``--layer-decay`` (the model's
+    ``group_matcher`` sets the layers) and ``--opt-kwargs`` merged after ``--opt-betas``."""
+    extra = dict(args.opt_kwargs or {})
+    for key, option in _OPT_OWN_OPTIONS.items():
+        if key in extra:
+            raise ConfigError(f'--opt-kwargs {key}=...: {key} has its own option, use {option}')
+    if args.opt_betas and 'betas' in extra:
+        raise ConfigError('--opt-kwargs betas=... and --opt-betas both set the betas: keep one')
+    kwargs = {**({'betas': tuple(args.opt_betas)} if args.opt_betas else {}), **extra}
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum, eps=args.opt_eps, layer_decay=args.layer_decay,
+                                   **kwargs)
+    except (TypeError, ValueError) as err:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected and unexpected.group(1) in extra:
+            key = unexpected.group(1)
+            raise ConfigError(f"--opt-kwargs {key}={extra[key]!r}: optimizer '{args.opt}' has no argument "
+                              f"'{key}' ({err})") from err
+        if extra:
+            given = ' '.join(f'{k}={v!r}' for k, v in extra.items())
+            raise ConfigError(f"--opt-kwargs {given}: optimizer '{args.opt}' refused them: {err}") from err
+        if isinstance(err, ValueError):   # e.g. an --opt that timm does not know
+            raise ConfigError(f'--opt {args.opt}: {err}') from err
+        raise
+
+
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'channels_last'}
+                     'checkpoint_hist', 'torchcompile', 'channels_last',
+                     'initial_checkpoint', 'pretrained'}   # where a run's first weights came from
 
 
 def check_same_run(saved: dict, args, path: Path) -> None:
@@ -197,18 +235,9 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_s
     }
 
 
-# issue 8 options, parsed but not wired yet: refused rather than silently ignored (removed one by one)
-_NOT_WIRED_YET = {'pretrained': False, 'initial_checkpoint': '',
-                  'opt_kwargs': {}, 'layer_decay': None, 'sched_on_updates': False, 'bce_loss': False,
-                  'model_ema_warmup': False}
-
-
 def run(args) -> dict:
     """Train as ``args`` says; returns the final evaluation metrics (``stopped_by``: the signal that
     stopped the run early, after it saved where it was)."""
-    for key, unset in _NOT_WIRED_YET.items():
-        if getattr(args, key) != unset:
-            raise ConfigError(f'--{key.replace("_", "-")} is not supported yet')
     dist_info = init_distributed(args.device)
     device, primary = dist_info.device, dist_info.is_primary
     run_dir = Path(args.output) / args.experiment
@@ -237,9 +266,7 @@ def run(args) -> dict:
             model.to(memory_format=torch.channels_last)
 
         lr = resolve_lr(args, dist_info.world_size)
-        optimizer = create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                        momentum=args.momentum, eps=args.opt_eps,
-                                        **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
+        optimizer = build_optimizer(model, args, lr)
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
         scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
@@ -255,12 +282,17 @@ def run(args) -> dict:
         val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
                                  args.workers, dist_info, args.pin_mem)
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
+        # the engine calls step_update() after every optimizer update and step(epoch) at each epoch's end:
+        # a per-update schedule (--sched-on-updates) moves on the first, a per-epoch one on the second
         scheduler, num_epochs = create_scheduler_v2(
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, updates_per_epoch=per_epoch)
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch)
 
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
+        if not state:   # a new run may start from given weights (in place, before the EMA copies the model)
+            load_initial_weights(model, args, primary)
         start_epoch, start_step = resume_position(state) if state else (0, 0)
         num_updates = start_epoch * per_epoch + start_step // args.grad_accum_steps
         if state and state['args'].get('epochs') != args.epochs:   # a schedule built anew: move it to where
@@ -277,7 +309,7 @@ def run(args) -> dict:
 
         ema = None
         if args.model_ema:   # after the probe (its deep copy gets an inert hook) and the resumed weights
-            ema = ModelEmaV3(model, decay=args.model_ema_decay)
+            ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
             if state.get('state_dict_ema'):
                 ema.module.load_state_dict(state['state_dict_ema'])
 
@@ -309,7 +341,8 @@ def run(args) -> dict:
             return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
                                   num_classes, class_to_idx, evals) if primary else None
 
-        loss_fn = SoftTargetCrossEntropy()
+        # the mixer's targets are dense and already smoothed: timm's BCE takes dense targets as given
+        loss_fn = BinaryCrossEntropy(smoothing=0.0) if args.bce_loss else SoftTargetCrossEntropy()
         result = {}
         run_start = time.time()
         for epoch in range(start_epoch, num_epochs):
@@ -337,7 +370,7 @@ def run(args) -> dict:
             evals = {'eval': evaluate(model, val_loader, device, amp)}
             if ema is not None:
                 evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
-            lr_now = optimizer.param_groups[0]['lr']   # the lr this epoch trained with
+            lr_now = current_lr(optimizer)   # the lr this epoch trained with
             scheduler.step(epoch + 1, evals['eval']['top1'])
             logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
             saved = checkpoint(epoch, (epoch + 1, 0), evals=logged)

@@ -131,6 +131,8 @@ def test_shared_recipe_numbers(prefix):
     assert resolve_lr(parse_train_args(['--config', str(recipe_path(prefix, 'baseline'))]), GPUS) == \
         pytest.approx(1e-3)
     assert (args['opt'], args['weight_decay'], args['sched']) == ('adamw', 0.05, 'cosine')
+    # Swin's code steps its timm scheduler every iteration; DeiT, PVT, XCiT and CaiT step it per epoch
+    assert args['sched_on_updates'] == prefix.startswith('ca_swin')
     assert (args['img_size'], args['data_dir']) == (224, 'data/imagenet')
     assert (args['aa'], args['reprob'], args['smoothing']) == ('rand-m9-mstd0.5-inc1', 0.25, 0.1)
     assert (args['mixup'], args['cutmix']) == (0.8, 1.0)

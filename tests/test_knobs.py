@@ -1,0 +1,213 @@
+"""timm's training knobs wired through train.py: --model-ema-warmup, --layer-decay, --opt-kwargs,
+--sched-on-updates, --bce-loss. Each test shows the knob's effect, so a knob that is silently dropped fails."""
+import os
+import re
+import signal
+from argparse import Namespace
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import mixpro.models  # noqa: F401  (registers PVT and CA-Swin)
+import train
+from conftest import read_summary, train_args
+from mixpro import training
+from mixpro.mixer import Mixer
+
+STEPS = 4   # 3 classes x 12 train images, batch 8, drop_last
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _capture_optimizer(monkeypatch) -> dict:
+    """Keep the model and the optimizer that run() builds."""
+    built = {}
+    real = training.build_optimizer
+
+    def building(model, args, lr):
+        built['model'], built['optimizer'] = model, real(model, args, lr)
+        return built['optimizer']
+    monkeypatch.setattr(training, 'build_optimizer', building)
+    return built
+
+
+# ---- --model-ema-warmup -------------------------------------------------------------------------
+def test_ema_warmup_follows_the_model_where_plain_decay_stays_behind(data_dir, tmp_path):
+    def ema_lag(name, *extra):
+        train.main(train_args(data_dir, tmp_path, name, 'mixup_cutmix', 2, '--model-ema', '--log-interval', '0',
+                              *extra))
+        state = _load(tmp_path / name / 'last.pth.tar')
+        return sum((state['state_dict'][k].float() - state['state_dict_ema'][k].float()).square().sum()
+                   for k in state['state_dict']).sqrt().item()
+    plain = ema_lag('plain')                         # decay 0.99996 from step 2: the EMA stays near step 1
+    warm = ema_lag('warm', '--model-ema-warmup')     # decay 1 - (1 + step)^(-2/3): 0.37, 0.52, ... 0.75
+    assert warm < 0.6 * plain, (warm, plain)
+
+
+# ---- --layer-decay ------------------------------------------------------------------------------
+def test_layer_decay_scales_the_lr_of_each_layer(data_dir, tmp_path, monkeypatch):
+    built = _capture_optimizer(monkeypatch)
+    train.main(train_args(data_dir, tmp_path, 'ld', 'mixup_cutmix', 1, '--layer-decay', '0.5'))
+    model, optimizer = built['model'], built['optimizer']
+    scale_of = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    scale = {name: scale_of[id(p)] for name, p in model.named_parameters()}
+    # depth 2: stem, block 0, block 1, head -> 0.5^3, 0.5^2, 0.5, 1
+    assert scale['patch_embed.proj.weight'] == scale['cls_token'] == 0.125
+    assert scale['blocks.0.attn.qkv.weight'] == 0.25 and scale['blocks.1.mlp.fc1.weight'] == 0.5
+    assert scale['head.weight'] == 1.0
+    top = max(g['lr'] for g in optimizer.param_groups)
+    for group in optimizer.param_groups:                  # the scheduler applies the scale to every group
+        assert group['lr'] == pytest.approx(top * group['lr_scale'])
+    saved = _load(tmp_path / 'ld' / 'last.pth.tar')['optimizer']['param_groups']
+    assert sorted({g['lr_scale'] for g in saved}) == [0.125, 0.25, 0.5, 1.0]
+
+
+SMALL = {   # the real layer structure with few blocks: group_matcher decides the layers
+    'deit_tiny_patch16_224': dict(depth=3, embed_dim=32, num_heads=2),
+    'xcit_nano_12_p16_224': dict(depth=3, cls_attn_layers=1),
+    'cait_xxs24_224': dict(depth=3, depth_token_only=1, embed_dim=32, num_heads=2),
+    'pvt_tiny': dict(depths=(1, 1, 1, 1)),
+    'ca_swin_tiny': dict(depths=(1, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize('name', list(SMALL))
+def test_layer_decay_groups_every_model_family_by_depth(name):
+    model = timm.create_model(name, num_classes=5, **SMALL[name])
+    args = Namespace(opt='adamw', weight_decay=0.05, momentum=0.9, opt_eps=1e-8, opt_betas=None, opt_kwargs={},
+                     layer_decay=0.75)
+    optimizer = training.build_optimizer(model, args, 1e-3)
+    scale_of = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    scales = {n: scale_of[id(p)] for n, p in model.named_parameters()}
+    head = [n for n in scales if n.startswith('head')]
+    stem = next(n for n in scales if 'patch_embed' in n)
+    assert head and all(scales[n] == 1.0 for n in head)
+    assert scales[stem] == min(scales.values()) < 0.75 ** 3       # the stem is the deepest-decayed layer
+    assert len(set(scales.values())) >= 5, sorted(set(scales.values()))
+
+
+# ---- --opt-kwargs -------------------------------------------------------------------------------
+def test_opt_kwargs_reach_the_optimizer(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'ams', 'mixup_cutmix', 1, '--opt-kwargs', 'amsgrad=True',
+                          '--opt-betas', '0.8', '0.99'))
+    saved = _load(tmp_path / 'ams' / 'last.pth.tar')['optimizer']
+    assert all(g['amsgrad'] for g in saved['param_groups'])
+    assert all(tuple(g['betas']) == (0.8, 0.99) for g in saved['param_groups'])
+    assert all('max_exp_avg_sq' in s for s in saved['state'].values())     # AMSGrad's own state
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--opt-kwargs', 'foo=1'], "--opt-kwargs foo=1: optimizer 'adamw' has no argument 'foo'"),
+    (['--opt', 'sgd', '--opt-kwargs', 'amsgrad=True'],
+     "--opt-kwargs amsgrad=True: optimizer 'sgd' has no argument 'amsgrad'"),
+    (['--opt-kwargs', 'betas=(2,0.9)'], "--opt-kwargs betas=(2, 0.9): optimizer 'adamw' refused them: Invalid beta"),
+    (['--opt-kwargs', 'lr=0.1'], 'lr has its own option, use --lr'),
+    (['--opt-kwargs', 'betas=(0.9,0.95)', '--opt-betas', '0.9', '0.99'], 'both set the betas'),
+    (['--opt', 'nope'], '--opt nope: Optimizer nope not found'),
+])
+def test_a_bad_optimizer_argument_is_one_line_naming_it(data_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit) as failed:
+        train.main(train_args(data_dir, tmp_path, 'bad', 'mixup_cutmix', 1, *extra))
+    text = str(failed.value.code)
+    assert text.startswith('error: ') and message in text and '\n' not in text, text
+    assert not list((tmp_path / 'bad').glob('*.pth.tar'))
+
+
+# ---- --sched-on-updates -------------------------------------------------------------------------
+def _step_lrs(out: str) -> list:
+    """(epoch, step, lr) of every per-step log line (the lr after that step's scheduler update)."""
+    return [(int(e), int(s), float(lr)) for e, s, lr in re.findall(r'^epoch (\d+) \[\s*(\d+)/\d+.* lr (\S+) ', out,
+                                                                   re.M)]
+
+
+def test_sched_on_updates_moves_the_lr_within_the_first_epoch(data_dir, tmp_path, capsys):
+    extra = ('--log-interval', '1', '--warmup-epochs', '1')
+    train.main(train_args(data_dir, tmp_path, 'epochs', 'mixup_cutmix', 2, *extra))
+    per_epoch = [lr for e, _, lr in _step_lrs(capsys.readouterr().out) if e == 0]
+    assert per_epoch == [1e-6] * STEPS                    # the whole first epoch at warmup_lr
+    train.main(train_args(data_dir, tmp_path, 'updates', 'mixup_cutmix', 2, '--sched-on-updates', *extra))
+    lrs = _step_lrs(capsys.readouterr().out)
+    first = [lr for e, _, lr in lrs if e == 0]   # the lr of steps 2, 3, 4 (warmup) and of epoch 1's first step
+    assert len(first) == STEPS and all(a < b for a, b in zip(first[:-1], first[1:-1]))   # warming up step by step
+    assert first[0] == pytest.approx(1e-6 + (1e-3 - 1e-6) / STEPS, rel=1e-3)
+    assert first[-1] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2, rel=1e-3)       # warmed up: cosine at half way
+    second = [lr for e, _, lr in lrs if e == 1]
+    assert all(a > b for a, b in zip(second, second[1:]))                        # cosine, step by step
+    assert second[-1] == pytest.approx(1e-5, rel=1e-3)                           # min_lr at the last update
+
+
+def _signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
+    """Deliver ``signum`` to this process inside the ``call``-th mixer call (a training step)."""
+    real = Mixer.__call__
+    calls = {'n': 0}
+
+    def mixing(self, x, y):
+        calls['n'] += 1
+        if calls['n'] == call:
+            os.kill(os.getpid(), signum)
+        return real(self, x, y)
+    monkeypatch.setattr(Mixer, '__call__', mixing)
+
+
+@pytest.mark.parametrize('stop_call', [STEPS + 2, 2 * STEPS], ids=['mid-epoch', 'epoch-end'])
+def test_a_resumed_per_update_schedule_gives_the_uninterrupted_lrs(data_dir, tmp_path, monkeypatch, capsys,
+                                                                   stop_call):
+    extra = ('--sched-on-updates', '--warmup-epochs', '2', '--log-interval', '1', '--model-ema',
+             '--model-ema-warmup')
+    train.main(train_args(data_dir, tmp_path, 'straight', 'mixpro', 3, *extra))
+    straight = _step_lrs(capsys.readouterr().out)
+
+    args = train_args(data_dir, tmp_path, 'stopped', 'mixpro', 3, *extra)
+    _signal_during_mixer_call(monkeypatch, stop_call, signal.SIGTERM)     # epoch 1, step 2 or 4 of 4
+    with pytest.raises(SystemExit):
+        train.main(args)
+    before = _step_lrs(capsys.readouterr().out)
+    monkeypatch.undo()
+    train.main(args)
+    out = capsys.readouterr().out
+    assert 'resumed from' in out
+    assert before + _step_lrs(out) == straight            # every step's lr, across the stop
+    assert len(straight) == 3 * STEPS and len({lr for *_, lr in straight}) > 2 * STEPS
+    run_dir = tmp_path / 'stopped'
+    assert read_summary(run_dir) == read_summary(tmp_path / 'straight')
+    resumed, reference = _load(run_dir / 'last.pth.tar'), _load(tmp_path / 'straight' / 'last.pth.tar')
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in reference[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after the resume'
+    assert resumed['scheduler'] == reference['scheduler']
+
+
+# ---- --bce-loss ---------------------------------------------------------------------------------
+def test_bce_loss_trains_on_the_attention_relabelled_target(data_dir, tmp_path, monkeypatch):
+    relabelled, calls = [], []
+    real_relabel = Mixer.relabel
+
+    def relabel(self, logits, attention=None):
+        target = real_relabel(self, logits, attention)
+        relabelled.append((self.last.area_target.detach().clone(), target))
+        return target
+    monkeypatch.setattr(Mixer, 'relabel', relabel)
+
+    class RecordingBCE(training.BinaryCrossEntropy):
+        def forward(self, x, target):
+            loss = super().forward(x, target)
+            calls.append((x.detach().clone(), target, loss.detach().clone(), self.smoothing))
+            return loss
+    monkeypatch.setattr(training, 'BinaryCrossEntropy', RecordingBCE)
+
+    train.main(train_args(data_dir, tmp_path, 'bce', 'mixpro', 2, '--bce-loss', '--maskmix-prob', '1.0'))
+    assert len(calls) == len(relabelled) == 2 * STEPS
+    for (logits, target, loss, smoothing), (area, given) in zip(calls, relabelled):
+        assert target is given and smoothing == 0.0      # the mixer's target, not smoothed a second time
+        assert loss == pytest.approx(F.binary_cross_entropy_with_logits(logits, target.detach()).item(), rel=1e-5)
+        assert target.sum(1).detach() == pytest.approx(torch.ones(len(target)))
+    assert any(not torch.allclose(area, target.detach()) for (_, target, *_), (area, _) in zip(calls, relabelled)), \
+        'PAL never moved the target away from the area label'
+    rows = read_summary(tmp_path / 'bce')
+    assert float(rows[0]['train_loss']) == pytest.approx(sum(c[2].item() for c in calls[:STEPS]) / STEPS, rel=1e-5)
+    assert len(rows) == 2
+
