@@ -1,4 +1,5 @@
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -58,3 +59,17 @@ def train_args(data_dir, out, experiment, method='mixpro', epochs=2, *extra):
 def read_summary(run_dir):
     with open(run_dir / 'summary.csv') as f:
         return list(csv.DictReader(f))
+
+
+def signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
+    """Deliver ``signum`` to this process inside the ``call``-th mixer call (a training step)."""
+    from mixpro.mixer import Mixer
+    real = Mixer.__call__
+    calls = {'n': 0}
+
+    def mixing(self, x, y):
+        calls['n'] += 1
+        if calls['n'] == call:
+            os.kill(os.getpid(), signum)
+        return real(self, x, y)
+    monkeypatch.setattr(Mixer, '__call__', mixing)

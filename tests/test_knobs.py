@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mixpro.models  # noqa: F401  (registers PVT and CA-Swin)
 import train
-from conftest import read_summary, train_args
+from conftest import read_summary, signal_during_mixer_call, train_args
 from mixpro import training
 from mixpro.mixer import Mixer
 
@@ -140,19 +140,6 @@ def test_sched_on_updates_moves_the_lr_within_the_first_epoch(data_dir, tmp_path
     assert second[-1] == pytest.approx(1e-5, rel=1e-3)                           # min_lr at the last update
 
 
-def _signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
-    """Deliver ``signum`` to this process inside the ``call``-th mixer call (a training step)."""
-    real = Mixer.__call__
-    calls = {'n': 0}
-
-    def mixing(self, x, y):
-        calls['n'] += 1
-        if calls['n'] == call:
-            os.kill(os.getpid(), signum)
-        return real(self, x, y)
-    monkeypatch.setattr(Mixer, '__call__', mixing)
-
-
 @pytest.mark.parametrize('stop_call', [STEPS + 2, 2 * STEPS], ids=['mid-epoch', 'epoch-end'])
 def test_a_resumed_per_update_schedule_gives_the_uninterrupted_lrs(data_dir, tmp_path, monkeypatch, capsys,
                                                                    stop_call):
@@ -162,7 +149,7 @@ def test_a_resumed_per_update_schedule_gives_the_uninterrupted_lrs(data_dir, tmp
     straight = _step_lrs(capsys.readouterr().out)
 
     args = train_args(data_dir, tmp_path, 'stopped', 'mixpro', 3, *extra)
-    _signal_during_mixer_call(monkeypatch, stop_call, signal.SIGTERM)     # epoch 1, step 2 or 4 of 4
+    signal_during_mixer_call(monkeypatch, stop_call, signal.SIGTERM)     # epoch 1, step 2 or 4 of 4
     with pytest.raises(SystemExit):
         train.main(args)
     before = _step_lrs(capsys.readouterr().out)

@@ -16,11 +16,10 @@ from timm.loss import SoftTargetCrossEntropy
 
 import train
 import validate
-from conftest import make_image_folder, read_summary, train_args
+from conftest import make_image_folder, read_summary, signal_during_mixer_call, train_args
 from mixpro import checkpoint, training
 from mixpro.checkpoint import CheckpointError, CheckpointKeeper, atomic_save, load_checkpoint
 from mixpro.data import image_folder
-from mixpro.mixer import Mixer
 from mixpro.run_folder import RunLock, choose_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,19 +30,6 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def _signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
-    """Deliver ``signum`` to this process inside the ``call``-th mixer call (a training step)."""
-    real = Mixer.__call__
-    calls = {'n': 0}
-
-    def mixing(self, x, y):
-        calls['n'] += 1
-        if calls['n'] == call:
-            os.kill(os.getpid(), signum)
-        return real(self, x, y)
-    monkeypatch.setattr(Mixer, '__call__', mixing)
-
-
 # ---- 2. preemption ------------------------------------------------------------------------------
 def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(data_dir, tmp_path, monkeypatch,
                                                                                 capsys):
@@ -52,7 +38,7 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(d
     straight = _load(tmp_path / 'straight' / 'last.pth.tar')
 
     args = train_args(data_dir, tmp_path, 'stopped', 'mixpro', 3, *extra)
-    _signal_during_mixer_call(monkeypatch, STEPS + 2, signal.SIGTERM)    # epoch 1, step 2 of 4
+    signal_during_mixer_call(monkeypatch, STEPS + 2, signal.SIGTERM)    # epoch 1, step 2 of 4
     with pytest.raises(SystemExit) as stopped:
         train.main(args)
     assert stopped.value.code == 128 + signal.SIGTERM
