@@ -40,10 +40,20 @@ def _atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, _MODE)
+        _fsync(tmp)            # on disk before the rename: a node crash leaves the old file, not a torn one
         os.replace(tmp, path)
+        _fsync(path.parent)    # and the rename itself
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -119,12 +129,15 @@ class CheckpointKeeper:
         atomic_save(state, path)
         return path
 
-    def tidy(self) -> List[str]:
-        """Repair what a kill left behind; returns one note per repair."""
+    def tidy(self, prune: bool = True) -> List[str]:
+        """Repair what a kill left behind; returns one note per repair. Without ``prune`` (a resume from
+        an older checkpoint than the folder's newest) only temp files go: later epochs' files stay."""
         notes, last_epoch = [], _epoch_of(self.run_dir / LAST)
         for tmp in self.run_dir.glob('.*.tmp'):
             tmp.unlink(missing_ok=True)
             notes.append(f'removed the unfinished temp file {tmp.name}')
+        if not prune:
+            return notes
         kept = []
         for top1, epoch in self.ranking:
             if not self.path(epoch).exists() and epoch == last_epoch:   # runs of older versions wrote last first

@@ -10,6 +10,7 @@ epoch and with data-loading workers, sees exactly the images an uninterrupted ru
 """
 import importlib.util
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import signal
@@ -239,7 +240,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     """Data-loading workers ignore the stop signals (a cluster sends them to every process of the job):
     the training process decides when to stop and ends its workers itself; a worker killed by one would
     crash the run instead."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -251,12 +252,25 @@ def _worker_options(workers: int, pin_memory: bool, device) -> dict:
     options = dict(num_workers=workers, pin_memory=pin_memory and device.type == 'cuda',
                    worker_init_fn=_ignore_stop_signals, generator=torch.Generator())
     if workers > 0:
+        _start_forkserver()
         options.update(persistent_workers=True, multiprocessing_context=_FORKSERVER)
     return options
 
 
 _FORKSERVER = multiprocessing.get_context('forkserver')
 _FORKSERVER.set_forkserver_preload(['mixpro.data'])   # torch and timm imported once, in the server
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver with the stop signals ignored (the setting survives its exec): a cluster
+    signals every process of the job, and a dead forkserver takes every loader's workers with it."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):

@@ -102,8 +102,9 @@ class _NonFiniteWatch:
         first = int(all_reduce_min(self.first.clone()))
         if first != self.NONE:
             raise NonFiniteLoss(f'the training loss is not finite (NaN or inf) at epoch {epoch} step '
-                                f'{first + 1}/{steps} (lr {lr:.3e}): stopped without saving these weights; '
-                                f'lower --lr or set --clip-grad, then resume from the last good checkpoint')
+                                f'{first + 1}/{steps} (lr {lr:.3e}): stopped without saving these weights. Resuming with the '
+                                f'same settings repeats it exactly; start a new run (its own --experiment) with a '
+                                f'lower --lr or a --clip-grad, from the last good weights with --initial-checkpoint')
 
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,

@@ -36,6 +36,11 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+            if err.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):   # e.g. Lustre mounted noflock
+                os.close(fd)
+                print(f'note: {self.path.parent} is on a filesystem without flock ({err.strerror}): running '
+                      f'without the one-run-per-folder lock', flush=True)
+                return None
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunError(f'{self.path.parent} is in use by another run ({holder}); wait for it to end, '
@@ -127,6 +132,9 @@ def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[
             continue
         notes.append(f'falling back to {path.name}, the newest readable checkpoint')
         return path, notes
+    if notes:   # checkpoints exist but none loads: never start over on top of them
+        raise RunError(f'--resume auto: no checkpoint in {run_dir} can be read ({"; ".join(notes)}); fix or move '
+                       f'them, or start afresh in another folder (--experiment)')
     return None, notes
 
 

@@ -118,7 +118,8 @@ def build_optimizer(model, args, lr: float):
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
                      'checkpoint_hist', 'torchcompile', 'channels_last',
-                     'initial_checkpoint', 'pretrained'}   # where a run's first weights came from
+                     'initial_checkpoint', 'pretrained',   # where a run's first weights came from
+                     'dataset_download'}
 
 
 def check_same_run(saved: dict, args, path: Path) -> None:
@@ -244,9 +245,14 @@ def run(args) -> dict:
     lock, stop, logger = RunLock(run_dir), None, None
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
+        download_first = args.dataset_download and dist_info.distributed   # one download per node, not per rank
+        if download_first and dist_info.local_rank != 0:
+            barrier()
         train_set = build_dataset(args, args.train_split, is_training=True)
         class_to_idx = class_index_of(train_set)
         val_set = build_dataset(args, args.val_split, is_training=False, class_to_idx=class_to_idx)
+        if download_first and dist_info.local_rank == 0:
+            barrier()
         num_classes = args.num_classes or num_classes_of(train_set)
         args.num_classes = num_classes
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
@@ -294,6 +300,11 @@ def run(args) -> dict:
         if not state:   # a new run may start from given weights (in place, before the EMA copies the model)
             load_initial_weights(model, args, primary)
         start_epoch, start_step = resume_position(state) if state else (0, 0)
+        if start_step and len(state.get('rng_states') or []) != dist_info.world_size:
+            if primary:   # the saved position is in another partition of the data: redo that epoch whole
+                print(f'note: the run stopped mid-epoch with another number of processes; epoch {start_epoch} '
+                      f'restarts from its first step', flush=True)
+            start_step = 0
         num_updates = start_epoch * per_epoch + start_step // args.grad_accum_steps
         if state and state['args'].get('epochs') != args.epochs:   # a schedule built anew: move it to where
             scheduler.step(start_epoch)                             # the run stands, as timm's resume does
@@ -325,7 +336,7 @@ def run(args) -> dict:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch)
             keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []))
-            for note in keeper.tidy():
+            for note in keeper.tidy(prune=args.resume == 'auto'):
                 print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
                   f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '

@@ -59,22 +59,25 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(d
     assert read_summary(run_dir) == read_summary(tmp_path / 'straight')  # losses, top-1, lr: all equal
 
 
-def test_sigusr1_to_the_command_line_saves_and_exits_138(data_dir, tmp_path):
-    args = train_args(data_dir, tmp_path, 'usr1', 'mixup_cutmix', 200)
+@pytest.mark.parametrize('signum,to_group,workers', [(signal.SIGUSR1, False, '0'), (signal.SIGTERM, True, '2')],
+                         ids=['usr1-to-the-process', 'term-to-the-process-group-with-workers'])
+def test_a_signal_to_the_command_line_saves_and_exits_128_plus_it(data_dir, tmp_path, signum, to_group, workers):
+    """A cluster signals every process of the job: the data-loading workers and their forkserver too."""
+    args = train_args(data_dir, tmp_path, 'signalled', 'mixup_cutmix', 200, '--workers', workers)
     proc = subprocess.Popen([sys.executable, str(REPO / 'train.py'), *args, '--log-interval', '1'], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith('epoch 1 ['):            # training for real: preempt it
-            proc.send_signal(signal.SIGUSR1)
+            os.killpg(proc.pid, signum) if to_group else proc.send_signal(signum)
             break
     lines += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 128 + signal.SIGUSR1, ''.join(lines)
+    assert proc.wait(timeout=120) == 128 + signum, ''.join(lines)
     text = ''.join(lines)
-    assert 'SIGUSR1: stopped' in text and '--resume auto continues' in text
-    saved = [p for p in (tmp_path / 'usr1').glob('*.pth.tar') if p.name in ('interrupted.pth.tar', 'last.pth.tar')]
+    assert f'{signal.Signals(signum).name}: stopped' in text and '--resume auto continues' in text
+    saved = [p for p in (tmp_path / 'signalled').glob('*.pth.tar') if p.name in ('interrupted.pth.tar', 'last.pth.tar')]
     position = max(tuple(_load(p).get('resume_at', [0, 0])) for p in saved)
     assert position >= (1, 1)
 
@@ -361,3 +364,26 @@ def test_resume_none_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
         train.main([*train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1), '--resume', 'none'])
     after = _load(tmp_path / 'kept' / 'last.pth.tar')['state_dict']
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_auto_refuses_to_start_over_when_no_checkpoint_can_be_read(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path, 'unreadable', 'mixup_cutmix', 1)
+    train.main(args)
+    for path in (tmp_path / 'unreadable').glob('*.pth.tar'):
+        path.write_bytes(b'damaged')
+    with pytest.raises(SystemExit, match='--resume auto: no checkpoint in .*unreadable can be read'):
+        train.main(args)
+    assert (tmp_path / 'unreadable' / 'last.pth.tar').read_bytes() == b'damaged'    # nothing overwritten
+
+
+def test_resume_from_an_older_checkpoint_keeps_the_later_files(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 3, '--checkpoint-hist', '3')
+    train.main(args)
+    run_dir = tmp_path / 'older'
+    before = sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar'))
+    assert before == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+    best = _load(run_dir / 'model_best.pth.tar')['epoch']
+    again = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 2, '--checkpoint-hist', '3')
+    train.main([*again, '--resume', str(run_dir / 'checkpoint-0.pth.tar')])   # redo epoch 1 only
+    assert sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar')) == before
+    assert best in (0, 1, 2)
