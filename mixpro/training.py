@@ -297,6 +297,9 @@ def run(args) -> dict:
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch)
 
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
+        if state.get('class_to_idx') and state['class_to_idx'] != class_to_idx:
+            raise ConfigError(f'{checkpoint_path} was trained with other classes than {args.data_dir} has (same '
+                              f'count, other folders or order): its labels would be permuted')
         if not state:   # a new run may start from given weights (in place, before the EMA copies the model)
             load_initial_weights(model, args, primary)
         start_epoch, start_step = resume_position(state) if state else (0, 0)

@@ -387,3 +387,12 @@ def test_resume_from_an_older_checkpoint_keeps_the_later_files(data_dir, tmp_pat
     train.main([*again, '--resume', str(run_dir / 'checkpoint-0.pth.tar')])   # redo epoch 1 only
     assert sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar')) == before
     assert best in (0, 1, 2)
+
+
+def test_resume_refuses_a_data_dir_whose_classes_differ(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'classes', 'mixup_cutmix', 1))
+    other = make_image_folder(tmp_path / 'other', classes=3, train_per_class=12, val_per_class=6)
+    (other / 'train' / 'class2').rename(other / 'train' / 'classX')
+    (other / 'val' / 'class2').rename(other / 'val' / 'classX')
+    with pytest.raises(SystemExit, match='trained with other classes than .*other has'):
+        train.main(train_args(other, tmp_path, 'classes', 'mixup_cutmix', 2))
