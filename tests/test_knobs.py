@@ -1,6 +1,5 @@
 """timm's training knobs wired through train.py: --model-ema-warmup, --layer-decay, --opt-kwargs,
 --sched-on-updates, --bce-loss. Each test shows the knob's effect, so a knob that is silently dropped fails."""
-import os
 import re
 import signal
 from argparse import Namespace
