@@ -72,6 +72,11 @@ def atomic_copy(src: Path, dst: Path) -> None:
                               f'the checkpoints written before are intact') from err
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """A small text file (config, run record, summary) written like a checkpoint: whole or not at all."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def load_checkpoint(path, mmap: bool = False) -> dict:
     """The whole checkpoint on the CPU; ``mmap`` reads tensors lazily (cheap when only metadata is needed)."""
     path = Path(path)

@@ -1,12 +1,14 @@
 """What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console."""
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Optional
 
 import torch
 from timm.utils import update_summary
 from torchvision.utils import make_grid
+
+from .checkpoint import atomic_write_text
 
 
 class RunLogger:
@@ -29,13 +31,12 @@ class RunLogger:
         kept = [r for r in rows if int(r['epoch']) < start_epoch]
         if len(kept) == len(rows):
             return
-        tmp = self.summary.with_name('.summary.csv.tmp')   # rewritten whole, then renamed: never torn
-        with tmp.open('w', newline='') as f:
-            if kept:
-                writer = csv.DictWriter(f, fieldnames=list(kept[0]))
-                writer.writeheader()
-                writer.writerows(kept)
-        os.replace(tmp, self.summary)
+        text = io.StringIO(newline='')
+        if kept:
+            writer = csv.DictWriter(text, fieldnames=list(kept[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+        atomic_write_text(self.summary, text.getvalue())   # rewritten whole, then renamed: never torn
 
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
         """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``."""

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import INTERRUPTED, LAST, CheckpointError, load_checkpoint, resume_position
+from .checkpoint import INTERRUPTED, LAST, CheckpointError, atomic_write_text, load_checkpoint, resume_position
 
 
 class RunError(RuntimeError):
@@ -165,7 +165,7 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
     start's command line and versions, and one entry per resumption under ``resumes``."""
     import timm
     resolved = {k: v for k, v in vars(args).items() if k != 'config'}
-    _write_text(run_dir / 'config.yaml', yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(resolved, sort_keys=False))
     start = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
              'torch': str(torch.__version__), 'timm': timm.__version__,
              'time': datetime.datetime.now().isoformat(timespec='seconds')}
@@ -175,10 +175,4 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
         info.setdefault('resumes', []).append({**start, 'from': str(resumed_from)})
     else:
         info = start
-    _write_text(info_path, yaml.safe_dump(info, sort_keys=False))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))
