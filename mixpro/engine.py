@@ -10,6 +10,7 @@ from timm.utils import dispatch_clip_grad
 
 from .distributed import all_reduce_min, all_reduce_sum
 from .logger import format_eta
+from .pictures import mix_snapshot
 
 
 def unwrap_model(model):
@@ -124,8 +125,6 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
     for i, (x, y) in enumerate(loader, start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x, target = mixer(x, y)
-        if keep_samples and samples is None:
-            samples = x[:16].detach().float().cpu()
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         update = (i + 1) % accum == 0 or i + 1 == steps
@@ -138,6 +137,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
                 logits = model(x)
                 target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
                 loss = loss_fn(logits, target)
+            if keep_samples and samples is None:   # before the probe lets go of the attention
+                samples = mix_snapshot(x, mixer.last, probe.attention if probe is not None else None)
             optimizer_step(loss / group, optimizer, scaler, args.clip_grad, args.clip_mode,
                            model.parameters(), update=update)
         if probe is not None:

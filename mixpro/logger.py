@@ -45,6 +45,9 @@ class RunLogger:
         w.add_scalar('train/lr', lr, epoch)
         w.add_scalar('train/epoch_time_s', train['epoch_time_s'], epoch)
         w.add_scalar('train/img_per_s', train['img_per_s'], epoch)
+        for key in ('data_wait_s', 'compute_s', 'peak_memory_gb'):   # where the loop measured them
+            if train.get(key) is not None:
+                w.add_scalar(f'train/{key}', train[key], epoch)
         for key in ('lam_area', 'lam_attn', 'alpha'):
             if train.get(key) is not None:
                 w.add_scalar(f'mix/{key}', train[key], epoch)
@@ -58,7 +61,8 @@ class RunLogger:
             flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
         update_summary(epoch, {'loss': train['loss']}, flat, str(self.summary), lr=lr)
 
-    def log_images(self, epoch: int, images: torch.Tensor, mean, std) -> None:
+    def log_images(self, epoch: int, snapshot: dict, mean, std) -> None:
+        images = snapshot['images']
         images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
         self.writer.add_image('mix/samples', make_grid(images.clamp(0, 1), nrow=8), epoch)
 
