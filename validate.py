@@ -1,42 +1,70 @@
 #!/usr/bin/env python
-"""Evaluate a train.py checkpoint: top-1, top-5 and loss, as JSON or CSV.
+"""Evaluate models: top-1, top-5 and loss, as JSON or CSV.
 
     python validate.py --checkpoint output/quickstart_mixpro/model_best.pth.tar --data-dir data/digits
+    python validate.py --checkpoint run_a/model_best.pth.tar run_b/model_best.pth.tar --occlusion 0 0.5
+    python validate.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet
+    python validate.py --model deit_small_patch16_224 --checkpoint deit_small.pth --data-dir /data --split imagenet-a \\
+        --class-subset imagenet-a
     torchrun --nproc_per_node=8 validate.py --checkpoint ... --data-dir /data/imagenet --use-ema
 """
 import argparse
 import sys
 
 from mixpro.checkpoint import CheckpointError
-from mixpro.config import ConfigError
+from mixpro.config import ConfigError, KeyValueAction
 from mixpro.validation import run
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='a .pth.tar written by train.py')
-    parser.add_argument('--data-dir', default=None,
-                        help="ImageFolder root with <split>/<class>/, or a --dataset's folder (default: the run's)")
-    parser.add_argument('--dataset', default=None,
-                        help="timm dataset name, e.g. torch/cifar100 (default: the checkpoint's; '' = ImageFolder)")
-    parser.add_argument('--dataset-download', action='store_true', help='let torch/ datasets download into --data-dir')
-    parser.add_argument('--split', default='val')
-    parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights')
-    parser.add_argument('--model', default=None, help="timm model name (default: the checkpoint's)")
-    parser.add_argument('--img-size', type=int, default=None)
-    parser.add_argument('--crop-pct', type=float, default=None)
-    parser.add_argument('--batch-size', '-b', type=int, default=256)
-    parser.add_argument('--workers', '-j', type=int, default=4)
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                        help="autocast the forward pass (default: as the checkpoint's run trained and evaluated)")
-    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
-                        help="autocast dtype (default: the checkpoint's)")
-    parser.add_argument('--device', default=None)
-    parser.add_argument('--results-file', default=None, help='write results here (.json or .csv)')
-    return parser.parse_args(argv)
+    weights = parser.add_argument_group('what to evaluate')
+    weights.add_argument('--checkpoint', nargs='+', default=[], metavar='FILE',
+                         help='train.py checkpoints (.pth.tar), or plain state dicts / .safetensors of --model')
+    weights.add_argument('--model', default=None,
+                         help="timm model name (default: a train.py checkpoint's own; required for other weights)")
+    weights.add_argument('--pretrained', action='store_true', help="timm's published weights of --model")
+    weights.add_argument('--model-kwargs', nargs='*', action=KeyValueAction, default={},
+                         help='keyword arguments building --model, e.g. depth=6 (not for train.py checkpoints)')
+    weights.add_argument('--num-classes', type=int, default=None,
+                         help="class count of --model (default: read from the weights' classifier)")
+    weights.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a train.py checkpoint')
+    data = parser.add_argument_group('data')
+    data.add_argument('--data-dir', default=None,
+                      help="ImageFolder root with <split>/<class>/, or a --dataset's folder (default: the run's)")
+    data.add_argument('--dataset', default=None,
+                      help="timm dataset name, e.g. torch/cifar100 (default: the checkpoint's; '' = ImageFolder)")
+    data.add_argument('--dataset-download', action='store_true', help='let torch/ datasets download into --data-dir')
+    data.add_argument('--split', default='val', help="folder under --data-dir ('' = --data-dir itself)")
+    data.add_argument('--class-map', default=None,
+                      help="names of the model's outputs, timm format (default: the checkpoint's, or ImageNet-1k's)")
+    data.add_argument('--class-subset', default=None, metavar='imagenet-a|imagenet-r|FILE',
+                      help='evaluate over these classes only (logits of the others are left out)')
+    data.add_argument('--img-size', type=int, default=None)
+    data.add_argument('--crop-pct', type=float, default=None)
+    data.add_argument('--batch-size', '-b', type=int, default=256)
+    data.add_argument('--workers', '-j', type=int, default=4)
+    robust = parser.add_argument_group('occlusion (TransMix / Naseer et al.: random patches turned black)')
+    robust.add_argument('--occlusion', type=float, nargs='+', default=None, metavar='R',
+                        help='fraction(s) of the patches dropped from every image; one result per ratio')
+    robust.add_argument('--occlusion-patch', type=int, default=16, help='patch side in pixels')
+    robust.add_argument('--occlusion-seed', type=int, default=0, help='which patches: same seed, same patches')
+    run_group = parser.add_argument_group('run')
+    run_group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                           help="autocast the forward pass (default: as the checkpoint's run; off for other weights)")
+    run_group.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                           help="autocast dtype (default: the checkpoint's)")
+    run_group.add_argument('--device', default=None)
+    run_group.add_argument('--results-file', default=None,
+                           help='write results here (.json: an object, or a list for several rows; .csv)')
+    args = parser.parse_args(argv)
+    if not args.checkpoint and not args.pretrained:
+        parser.error('give --checkpoint FILE… or --model NAME --pretrained')
+    return args
 
 
 def main(argv=None):
+    """Returns one result row per checkpoint and occlusion ratio."""
     try:
         return run(parse_args(argv))
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:

@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """A recipe or command line that cannot be run as written."""
 
 
-class _KeyValueAction(argparse.Action):
+class KeyValueAction(argparse.Action):
     """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -65,7 +65,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='deit_tiny_patch16_224')
-    group.add_argument('--model-kwargs', nargs='*', action=_KeyValueAction, default={},
+    group.add_argument('--model-kwargs', nargs='*', action=KeyValueAction, default={},
                        help='extra timm create_model arguments, key=value')
     group.add_argument('--pretrained', action=flag, default=False,
                        help="start from timm's pretrained weights for --model (a new run, unlike --resume)")
@@ -82,7 +82,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--opt', default='adamw')
     group.add_argument('--opt-eps', type=float, default=1e-8)
     group.add_argument('--opt-betas', type=float, nargs=2, default=None)
-    group.add_argument('--opt-kwargs', nargs='*', action=_KeyValueAction, default={},
+    group.add_argument('--opt-kwargs', nargs='*', action=KeyValueAction, default={},
                        help='extra optimizer arguments, key=value (timm create_optimizer_v2)')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay (timm), e.g. 0.65')
     group.add_argument('--momentum', type=float, default=0.9)
@@ -192,7 +192,7 @@ def _type_error(value, action: argparse.Action) -> Optional[str]:
         return None
     if isinstance(action, argparse.BooleanOptionalAction) or action.const is True:
         return None if isinstance(value, bool) else 'expects true or false'
-    if isinstance(action, _KeyValueAction):
+    if isinstance(action, KeyValueAction):
         return None if isinstance(value, dict) else 'expects a mapping of keyword arguments'
     kind = action.type or str
     if action.nargs not in (None, '?'):

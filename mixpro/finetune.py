@@ -24,17 +24,17 @@ from .config import ConfigError
 MIN_LOADED_FRACTION = 0.5   # fewer of the model's tensors than this loaded: the file is not for this model
 
 
-def read_weights(path) -> Dict[str, torch.Tensor]:
+def read_weights(path, option: str = '--initial-checkpoint') -> Dict[str, torch.Tensor]:
     """The plain weights in a train.py / timm training checkpoint (not its EMA), a state dict (also under
     'model' or 'state_dict', as DeiT and timm save them) or a ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'--initial-checkpoint {path} does not exist')
+        raise FileNotFoundError(f'{option} {path} does not exist')
     if path.suffix == '.safetensors':
         try:
             state = safetensors.torch.load_file(path, device='cpu')
         except Exception as err:   # safetensors has its own error type for a damaged file
-            raise CheckpointError(f'--initial-checkpoint {path} cannot be read: {err}') from err
+            raise CheckpointError(f'{option} {path} cannot be read: {err}') from err
     else:
         with torch.serialization.safe_globals([argparse.Namespace]):   # timm's train.py saves args as one
             state = load_checkpoint(path)
@@ -44,7 +44,7 @@ def read_weights(path) -> Dict[str, torch.Tensor]:
             break
     weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
     if not weights:
-        raise ConfigError(f'--initial-checkpoint {path} holds no weights (no tensors, nor a state_dict or '
+        raise ConfigError(f'{option} {path} holds no weights (no tensors, nor a state_dict or '
                           f'model entry with tensors)')
     return clean_state_dict(weights)   # DDP's 'module.' and torch.compile's '_orig_mod.' prefixes
 
@@ -65,7 +65,7 @@ def timm_pretrained_weights(model_name: str) -> Tuple[Dict[str, torch.Tensor], s
     return source.state_dict(), name
 
 
-def _family_filter(model):
+def family_filter(model):
     """The model family's timm ``checkpoint_filter_fn`` (converts official formats, resizes patch and
     position embeddings, Swin's relative-position tables), if its module has one."""
     return getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
@@ -114,10 +114,10 @@ def fit_weights(weights: Dict[str, torch.Tensor], model) -> Tuple[Dict[str, torc
     ``resized``, ``head`` (classifier tensors left at their fresh init), ``skipped`` (other shape
     mismatches), ``missing`` (model tensors the weights lack), ``unused`` (weights the model lacks)."""
     before = {k: v.shape for k, v in weights.items()}
-    family_filter = _family_filter(model)
-    if family_filter is not None:
+    convert = family_filter(model)
+    if convert is not None:
         try:
-            weights = family_filter(dict(weights), model)
+            weights = convert(dict(weights), model)
         except Exception:   # written for its family's own files: on a foreign one, the matching below reports
             pass
     own = model.state_dict()

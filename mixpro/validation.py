@@ -1,27 +1,52 @@
-"""Evaluate a training checkpoint exactly as training evaluated it."""
+"""Evaluate models: train.py checkpoints exactly as their run evaluated them, timm models with their
+published or own weights, on whole datasets, class subsets (ImageNet-A/R) or occluded images."""
 import csv
 import json
 from argparse import Namespace
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 from timm.data import resolve_data_config
+from timm.data.readers.class_map import load_class_map
 
 from .checkpoint import load_checkpoint
+from .config import ConfigError
 from .data import build_dataset, eval_loader, num_classes_of
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
+from .finetune import family_filter, read_weights, timm_pretrained_weights
+from .robustness import OccludedBatches, SubsetLogits, imagenet_class_index, read_class_subset, subset_outputs
 from .training import build_model   # the same model construction as training
+
+
+@dataclass
+class LoadedModel:
+    """A model to evaluate and what its evaluation depends on."""
+    model: nn.Module
+    source: str                              # the checkpoint file, or timm's pretrained weights
+    args: Namespace                          # model / data options: a run's training args, or validate's own
+    class_to_idx: Optional[Dict[str, int]]   # class name -> output index, where known
+    from_run: bool                           # a train.py checkpoint (its precision, dataset and data folder)
 
 
 def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=None):
     """``(model, training_args, class_to_idx)`` rebuilt from a checkpoint written by train.py
     (``class_to_idx`` is None for checkpoints of versions that did not store it)."""
     state = load_checkpoint(path)
-    if 'args' not in state or 'state_dict' not in state:
+    if not is_run_checkpoint(state):
         raise ValueError(f'checkpoint {path} was not written by train.py (no args / state_dict)')
+    return _model_from_run_state(state, path, model_name, use_ema, img_size)
+
+
+def is_run_checkpoint(state) -> bool:
+    return isinstance(state, dict) and 'args' in state and 'state_dict' in state and 'num_classes' in state
+
+
+def _model_from_run_state(state: dict, path, model_name, use_ema, img_size):
     train_args = Namespace(**state['args'])
     if model_name and model_name != train_args.model:
         train_args.model, train_args.model_kwargs = model_name, {}   # the checkpoint's kwargs belong to its model
@@ -33,13 +58,76 @@ def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=No
         if weights is None:
             raise ValueError(f'checkpoint {path} holds no EMA weights (trained without --model-ema)')
     model = build_model(train_args, state['num_classes'])
+    _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
+    return model, train_args, state.get('class_to_idx')
+
+
+def _load(model: nn.Module, weights: dict, source, what: str) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         detail = ' '.join(str(err).split())[:400]
-        raise ValueError(f'checkpoint {path} does not fit model {train_args.model!r} '
-                         f'({state["num_classes"]} classes): {detail}') from err
-    return model, train_args, state.get('class_to_idx')
+        raise ValueError(f'checkpoint {source} does not fit {what}: {detail}') from err
+
+
+def _head_classes(model_name: str, weights: dict, model_kwargs: dict) -> Optional[int]:
+    """The class count of a state dict's classifier, read from the weights (timm's head name)."""
+    probe = build_model(Namespace(model=model_name, model_kwargs=model_kwargs, img_size=None, drop=0.0,
+                                  drop_path=0.0), 1)
+    heads = probe.pretrained_cfg.get('classifier') or 'head'
+    head = heads[0] if isinstance(heads, (tuple, list)) else heads
+    bias = weights.get(f'{head}.bias')
+    return None if bias is None else int(bias.shape[0])
+
+
+def load_timm_model(args, checkpoint: Optional[str]) -> LoadedModel:
+    """A timm model (``--model``) with timm's pretrained weights or the weights of a plain state dict."""
+    if not args.model:
+        raise ConfigError(f'{checkpoint} is not a train.py checkpoint: name its architecture with --model NAME'
+                          if checkpoint else 'nothing to evaluate: give --checkpoint FILE… or --model NAME --pretrained')
+    if checkpoint:
+        weights = read_weights(checkpoint, option='--checkpoint')
+        source = str(checkpoint)
+    elif args.pretrained:
+        weights, source = timm_pretrained_weights(args.model)
+    else:
+        raise ConfigError(f'--model {args.model} needs weights: --pretrained, or --checkpoint FILE')
+    model_args = Namespace(model=args.model, model_kwargs=dict(args.model_kwargs or {}), img_size=args.img_size,
+                           crop_pct=args.crop_pct, drop=0.0, drop_path=0.0, amp=False, amp_dtype='bfloat16',
+                           dataset='', class_map='', data_dir=None)
+    num_classes = args.num_classes or _head_classes(args.model, weights, model_args.model_kwargs) or 1000
+    model = build_model(model_args, num_classes)
+    convert = family_filter(model)
+    if convert is not None:   # official formats (DeiT, PVT, ...) and resized position embeddings
+        weights = convert(weights, model)
+    _load(model, weights, source, f'model {args.model!r} ({num_classes} classes)')
+    return LoadedModel(model, source, model_args, _class_names(args.class_map, num_classes), from_run=False)
+
+
+def _class_names(class_map: Optional[str], num_classes: int) -> Optional[Dict[str, int]]:
+    """Names of a timm model's outputs: ``--class-map`` (timm format), else ImageNet-1k's WordNet ids."""
+    if class_map:
+        try:
+            return dict(load_class_map(class_map))
+        except (AssertionError, OSError, ValueError) as err:
+            raise ConfigError(f'--class-map {class_map} cannot be read: {err}') from err
+    return imagenet_class_index() if num_classes == 1000 else None
+
+
+def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
+    if checkpoint and not Path(checkpoint).suffix == '.safetensors':
+        state = load_checkpoint(checkpoint, mmap=True)
+        if is_run_checkpoint(state):
+            if args.pretrained:
+                raise ConfigError(f'--pretrained with {checkpoint}: a train.py checkpoint carries its own weights')
+            model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
+                                                                    args.img_size)
+            if args.class_map:
+                class_to_idx = _class_names(args.class_map, state['num_classes'])
+            return LoadedModel(model, str(checkpoint), train_args, class_to_idx, from_run=True)
+    if args.use_ema:
+        raise ConfigError('--use-ema needs a train.py checkpoint trained with --model-ema')
+    return load_timm_model(args, checkpoint)
 
 
 def precision(args, train_args) -> Tuple[Optional[torch.dtype], str]:
@@ -53,7 +141,8 @@ def precision(args, train_args) -> Tuple[Optional[torch.dtype], str]:
     return getattr(torch, name), f'{name} autocast ({source})'
 
 
-def write_results(results: dict, path: Path) -> None:
+def write_results(rows: List[dict], path: Path) -> None:
+    """One row as a JSON object (or a one-row CSV); several as a JSON list (or CSV rows)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,49 +150,94 @@ def write_results(results: dict, path: Path) -> None:
         raise ValueError(f'--results-file {path}: cannot create its folder: {err}') from err
     if path.suffix == '.csv':
         with path.open('w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(results))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerow(results)
+            writer.writerows(rows)
     else:
-        path.write_text(json.dumps(results, indent=2) + '\n')
+        path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + '\n')
 
 
-def run(args) -> dict:
-    dist_info = init_distributed(args.device)
-    try:
-        model, train_args, class_to_idx = load_model_from_checkpoint(args.checkpoint, args.model, args.use_ema, args.img_size)
-        data_dir = args.data_dir or train_args.data_dir
-        data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download,
-                              dataset=getattr(train_args, 'dataset', '') if args.dataset is None else args.dataset,
-                              class_map=getattr(train_args, 'class_map', ''))
-        dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
-        classes = num_classes_of(dataset)
-        if (data_args.dataset or not class_to_idx) and classes != train_args.num_classes:
-            # the run's own class index labels an ImageFolder (a split missing some classes is fine);
-            # other datasets, and checkpoints of older versions, must have the run's class count
-            raise ValueError(f'checkpoint {args.checkpoint} was trained for {train_args.num_classes} classes '
-                             f'but {data_args.dataset or Path(data_dir) / args.split} has {classes} classes')
-        if args.crop_pct is not None:
-            train_args.crop_pct = args.crop_pct
-        data_config = resolve_data_config(vars(train_args), model=model)
-        model.to(dist_info.device)
-        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
-        amp_dtype, precision_note = precision(args, train_args)
-        amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
+    if not root.is_dir():
+        return   # build_dataset names the missing folder
+    unknown = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith('.') and e.name not in subset)
+    if unknown:
+        raise ConfigError(f'{root} has class folder(s) outside --class-subset {option}: {", ".join(unknown[:5])}')
+
+
+def build_eval_data(args, loaded: LoadedModel, dist_info):
+    """``(loader, model to evaluate, split label)`` for one loaded model: its dataset with the class index
+    its outputs need, and the model restricted to ``--class-subset`` where one is given."""
+    run_args = loaded.args
+    dataset_name = (getattr(run_args, 'dataset', '') if loaded.from_run else '') if args.dataset is None else args.dataset
+    data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
+    if not data_dir:
+        raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
+    data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
+                          class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
+    model, class_to_idx = loaded.model, loaded.class_to_idx
+    if args.class_subset:
+        if dataset_name:
+            raise ConfigError(f'--class-subset works on ImageFolder data, not --dataset {dataset_name}')
+        subset = read_class_subset(args.class_subset)
+        outputs = subset_outputs(subset, class_to_idx, args.class_subset)
+        _check_subset_folders(Path(data_dir) / args.split, subset, args.class_subset)
+        model = SubsetLogits(model, outputs)
+        class_to_idx = {name: i for i, name in enumerate(subset)}   # labels: positions in the subset
+        data_args.class_map = ''
+    dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
+    classes = num_classes_of(dataset)
+    expected = getattr(run_args, 'num_classes', None) if loaded.from_run else None
+    if not args.class_subset and expected and (dataset_name or not class_to_idx) and classes != expected:
+        # the run's own class index labels an ImageFolder (a split missing some classes is fine);
+        # other datasets, and checkpoints of older versions, must have the run's class count
+        raise ValueError(f'checkpoint {loaded.source} was trained for {expected} classes '
+                         f'but {dataset_name or Path(data_dir) / args.split} has {classes} classes')
+    if args.crop_pct is not None:
+        run_args.crop_pct = args.crop_pct
+    data_config = resolve_data_config(vars(run_args), model=loaded.model)
+    loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
+    split = f'{dataset_name}:{args.split}' if dataset_name else str(Path(data_dir) / args.split)
+    return loader, model, data_config, split
+
+
+def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List[dict]:
+    """One result row per occlusion ratio for an already loaded model, on the data ``args`` names."""
+    loader, model, data_config, split = build_eval_data(args, loaded, dist_info)
+    model.to(dist_info.device)
+    amp_dtype, precision_note = precision(args, loaded.args)
+    amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    if dist_info.is_primary:
+        print(f'evaluating {loaded.source}, precision: {precision_note}', flush=True)
+    rows = []
+    for ratio in ratios:
+        batches = OccludedBatches(loader, ratio, data_config['mean'], data_config['std'],
+                                  args.occlusion_patch, args.occlusion_seed)
+        metrics = evaluate(model, batches, dist_info.device, amp)
+        row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
+               'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
+               'samples': metrics['count'], 'top1': metrics['top1'], 'top5': metrics['top5'],
+               'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
+        rows.append(row)
         if dist_info.is_primary:
-            print(f'precision: {precision_note}', flush=True)
-        metrics = evaluate(model, loader, dist_info.device, amp)
-        results = {'checkpoint': str(args.checkpoint), 'model': train_args.model, 'ema': bool(args.use_ema),
-                   'split': f'{data_args.dataset}:{args.split}' if data_args.dataset else str(Path(data_dir) / args.split),
-                   'samples': metrics['count'],
-                   'top1': metrics['top1'], 'top5': metrics['top5'], 'loss': metrics['loss'],
-                   'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
-        if dist_info.is_primary:
-            print(f"{results['model']}{' (EMA)' if args.use_ema else ''} on {results['split']}: "
+            occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
+            subset = f' [{args.class_subset}]' if args.class_subset else ''
+            print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
                   f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
                   f"({metrics['count']} images)", flush=True)
-            if args.results_file:
-                write_results(results, args.results_file)
-        return results
+    return rows
+
+
+def run(args) -> List[dict]:
+    """Evaluate every ``--checkpoint`` (or ``--model --pretrained``) at every ``--occlusion`` ratio;
+    returns one result row per pair."""
+    dist_info = init_distributed(args.device)
+    try:
+        rows = []
+        for checkpoint in list(args.checkpoint or []) or [None]:
+            rows += evaluate_loaded(args, load_model(args, checkpoint), dist_info, args.occlusion or [0.0])
+            if dist_info.is_primary and args.results_file:   # after each model: a later failure keeps these
+                write_results(rows, args.results_file)
+        return rows
     finally:
         cleanup()

@@ -73,7 +73,7 @@ def test_cifar10_trains_and_validates_with_every_test_image_once(tmp_path, no_md
     state = torch.load(tmp_path / 'cifar' / 'last.pth.tar', weights_only=True)
     assert state['num_classes'] == 10 and state['class_to_idx']['class3'] == 3
     checked = validate.main(['--checkpoint', str(tmp_path / 'cifar' / 'last.pth.tar'), '--workers', '0',
-                             '--device', 'cpu'])                     # dataset and folder from the checkpoint
+                             '--device', 'cpu'])[0]                     # dataset and folder from the checkpoint
     assert checked['samples'] == 12 and checked['top1'] == pytest.approx(state['metric'])
     assert checked['split'] == 'torch/cifar10:val'
 

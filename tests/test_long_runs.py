@@ -298,10 +298,10 @@ def test_validate_uses_the_checkpoint_precision_unless_told(data_dir, tmp_path, 
     path = tmp_path / 'bf16' / 'last.pth.tar'
     state = _load(path)
     capsys.readouterr()
-    own = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu'])
+    own = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu'])[0]
     assert 'precision: bfloat16 autocast (from the checkpoint)' in capsys.readouterr().out
     assert own['precision'] == 'bfloat16' and own['loss'] == pytest.approx(state['eval_metrics']['eval']['loss'])
-    fp32 = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu', '--no-amp'])
+    fp32 = validate.main(['--checkpoint', str(path), '--workers', '0', '--device', 'cpu', '--no-amp'])[0]
     assert 'precision: float32 (as asked)' in capsys.readouterr().out and fp32['precision'] == 'float32'
 
 

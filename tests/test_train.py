@@ -111,12 +111,12 @@ def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
     state = torch.load(best, weights_only=True)
     out = tmp_path / 'results.json'
     results = validate.main(['--checkpoint', str(best), '--data-dir', str(data_dir), '--workers', '0',
-                             '--results-file', str(out), '--batch-size', '5'])
+                             '--results-file', str(out), '--batch-size', '5'])[0]
     assert results['top1'] == pytest.approx(state['metric'], abs=1e-6)
     assert results['samples'] == 18
     assert json.loads(out.read_text())['top1'] == results['top1']
     ema = validate.main(['--checkpoint', str(best), '--data-dir', str(data_dir), '--workers', '0', '--use-ema',
-                         '--results-file', str(tmp_path / 'ema.csv')])
+                         '--results-file', str(tmp_path / 'ema.csv')])[0]
     assert ema['top1'] == pytest.approx(state['eval_metrics']['eval_ema']['top1'], abs=1e-6)
     assert (tmp_path / 'ema.csv').read_text().startswith('checkpoint,')
 
@@ -166,7 +166,7 @@ def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     # the in-training EMA evaluation ran on both ranks' EMA copies; it matches the saved (rank-0) EMA
     # only while every rank's EMA is the same model
     ema = validate.main(['--checkpoint', str(tmp_path / 'ddp' / 'last.pth.tar'), '--data-dir', str(data_dir),
-                         '--workers', '0', '--use-ema', '--device', 'cpu'])
+                         '--workers', '0', '--use-ema', '--device', 'cpu'])[0]
     assert ema['loss'] == pytest.approx(state['eval_metrics']['eval_ema']['loss'], abs=1e-5)
 
 

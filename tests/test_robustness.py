@@ -1,0 +1,164 @@
+"""validate.py on timm models and state dicts, class subsets (ImageNet-A/R) and occlusion, on data made here."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import validate
+from mixpro.robustness import NAMED_SUBSETS, OccludedBatches, dropped_count, occlusion_mask, read_class_subset
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]   # class c: an image of colour c with noise
+SMALL = ['--model', 'deit_tiny_patch16_224', '--model-kwargs', 'patch_size=8', 'embed_dim=16', 'depth=1',
+         'num_heads=1', 'img_size=32', '--img-size', '32', '--workers', '0', '--device', 'cpu']
+
+
+def colour_images(count, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        colour = COLOURS[i % len(COLOURS)]
+        yield i % len(COLOURS), (np.array(colour) + rng.normal(0, 25, (32, 32, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def colour_model(tmp_path_factory):
+    """A tiny DeiT trained here to tell the three colours apart, saved as a plain state dict, and a
+    val folder of 12 images per colour."""
+    root = tmp_path_factory.mktemp('colours')
+    for label, pixels in colour_images(36, seed=1):
+        folder = root / 'val' / f'class{label}'
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f'{len(list(folder.iterdir()))}.png')
+    torch.manual_seed(0)
+    model = timm.create_model('deit_tiny_patch16_224', patch_size=8, embed_dim=16, depth=1, num_heads=1,
+                              img_size=32, num_classes=3)
+    labels, images = zip(*colour_images(60))
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    y = torch.tensor(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights = root / 'colours.pth'
+    torch.save({'model': model.state_dict()}, weights)   # DeiT's own format: the weights under 'model'
+    return root, weights
+
+
+def test_shipped_subsets_are_timms():
+    info = Path(timm.__file__).parent / 'data' / '_info'
+    for name, timm_file in (('imagenet-a', 'imagenet_a_synsets.txt'), ('imagenet-r', 'imagenet_r_synsets.txt')):
+        ours = read_class_subset(name)
+        assert len(ours) == 200 and ours == sorted((info / timm_file).read_text().split())
+    assert read_class_subset('imagenet-a') != read_class_subset('imagenet-r')
+
+
+def test_occlusion_mask_is_seeded_and_sized():
+    grid = (14, 14)
+    for ratio, expected in ((0.0, 0), (0.1, 19), (0.3, 58), (0.5, 98), (1.0, 196)):   # Naseer et al.'s k*196//10
+        assert int(occlusion_mask(7, grid, ratio, seed=0).sum()) == expected == dropped_count(ratio, 196)
+    assert torch.equal(occlusion_mask(7, grid, 0.5, 0), occlusion_mask(7, grid, 0.5, 0))
+    assert not torch.equal(occlusion_mask(7, grid, 0.5, 0), occlusion_mask(8, grid, 0.5, 0))
+    assert not torch.equal(occlusion_mask(7, grid, 0.5, 0), occlusion_mask(7, grid, 0.5, 1))
+
+
+def test_dropped_patches_turn_black():
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    pixels = torch.rand(2, 3, 32, 32)
+    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    occluded = OccludedBatches([], 0.5, mean, std, patch=8).occlude(x.clone(), [0, 1])
+    back = occluded * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    black = (back.abs() < 1e-6).all(1)                   # [2, 32, 32]
+    assert black.view(2, 4, 8, 4, 8).all(4).all(2).sum().item() == 2 * 8   # half of 16 patches per image
+    assert torch.allclose(back[~black.unsqueeze(1).expand_as(back)], pixels[~black.unsqueeze(1).expand_as(back)],
+                          atol=1e-6)
+
+
+def test_occlusion_zero_is_clean_and_accuracy_falls(colour_model, tmp_path):
+    root, weights = colour_model
+    common = [*SMALL, '--checkpoint', str(weights), '--data-dir', str(root), '--occlusion-patch', '8']
+    clean = validate.main([*common, '--batch-size', '5'])
+    assert len(clean) == 1 and clean[0]['samples'] == 36 and clean[0]['top1'] == 100.0
+    out = tmp_path / 'occ.json'
+    rows = validate.main([*common, '--batch-size', '5', '--occlusion', '0', '0.5', '1', '--results-file', str(out)])
+    assert [r['occlusion'] for r in rows] == [0.0, 0.5, 1.0]
+    assert rows[0]['top1'] == clean[0]['top1'] and rows[0]['loss'] == clean[0]['loss']   # exactly the clean numbers
+    assert rows[0]['top1'] >= rows[1]['top1'] >= rows[2]['top1'] and rows[1]['loss'] > rows[0]['loss']
+    assert rows[2]['top1'] == pytest.approx(100 / 3)     # all black: one answer for every image
+    assert [r['top1'] for r in json.loads(out.read_text())] == [r['top1'] for r in rows]
+    # the patches come from (seed, image index): batch size does not change them, the seed does
+    other_batching = validate.main([*common, '--batch-size', '7', '--occlusion', '0.5'])
+    assert other_batching[0]['loss'] == pytest.approx(rows[1]['loss'], abs=1e-6)
+    other_seed = validate.main([*common, '--batch-size', '7', '--occlusion', '0.5', '--occlusion-seed', '3'])
+    assert other_seed[0]['loss'] != pytest.approx(rows[1]['loss'], abs=1e-6)
+
+
+def test_own_class_subset(colour_model, tmp_path):
+    root, weights = colour_model
+    subset_root = tmp_path / 'two'
+    for name in ('class0', 'class2'):
+        (subset_root / 'val' / name).mkdir(parents=True)
+        for i, image in enumerate((root / 'val' / name).iterdir()):
+            (subset_root / 'val' / name / image.name).write_bytes(image.read_bytes())
+    (tmp_path / 'names.txt').write_text('class0\nclass1\nclass2\n')
+    (tmp_path / 'subset.txt').write_text('# my two classes\nclass0\nclass2\n')
+    common = [*SMALL, '--checkpoint', str(weights), '--data-dir', str(subset_root)]
+    rows = validate.main([*common, '--class-map', str(tmp_path / 'names.txt'),
+                          '--class-subset', str(tmp_path / 'subset.txt')])
+    assert rows[0]['samples'] == 24 and rows[0]['top1'] == 100.0 and rows[0]['class_subset'].endswith('subset.txt')
+    with pytest.raises(SystemExit, match="needs the names of the model's classes"):   # 3 unnamed outputs
+        validate.main([*common, '--class-subset', str(tmp_path / 'subset.txt')])
+    (tmp_path / 'one.txt').write_text('class0\n')
+    with pytest.raises(SystemExit, match='class folder.*outside --class-subset.*class2'):
+        validate.main([*common, '--class-map', str(tmp_path / 'names.txt'), '--class-subset', str(tmp_path / 'one.txt')])
+
+
+def test_imagenet_r_subset_of_a_1000_class_model(tmp_path):
+    """A 1000-class model that always answers 'tench' (not an ImageNet-R class), else the ImageNet-R class
+    `favourite`: over the subset's logits every image of `favourite` is right; over all 1000, none is."""
+    wnids = read_class_subset('imagenet-r')
+    favourite = wnids[7]
+    for wnid in wnids:
+        folder = tmp_path / 'imagenet-r' / wnid
+        folder.mkdir(parents=True)
+        for i in range(10 if wnid == favourite else 1):
+            Image.fromarray(np.full((32, 32, 3), i * 20, np.uint8)).save(folder / f'{i}.jpg')
+    model = timm.create_model('deit_tiny_patch16_224', patch_size=8, embed_dim=16, depth=1, num_heads=1, img_size=32)
+    imagenet = timm.data.ImageNetInfo().label_names()
+    assert 'n01440764' not in wnids
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-5.0)
+        model.head.bias[imagenet.index('n01440764')] = 10.0     # tench wins over all 1000 outputs
+        model.head.bias[imagenet.index(favourite)] = 5.0         # and favourite among ImageNet-R's 200
+    torch.save(model.state_dict(), tmp_path / 'always.pth')
+    common = [*SMALL, '--checkpoint', str(tmp_path / 'always.pth'), '--data-dir', str(tmp_path), '--split', 'imagenet-r']
+    subset = validate.main([*common, '--class-subset', 'imagenet-r'])[0]
+    assert subset['samples'] == 209 and subset['top1'] == pytest.approx(100 * 10 / 209)
+    whole = validate.main(common)[0]                # the folder's wnids labelled as ImageNet-1k classes
+    assert whole['samples'] == 209 and whole['top1'] == 0.0
+    (tmp_path / 'imagenet-r' / 'n01440764').mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'imagenet-r' / 'n01440764' / '0.jpg')
+    with pytest.raises(SystemExit, match='outside --class-subset imagenet-r: n01440764'):
+        validate.main([*common, '--class-subset', 'imagenet-r'])
+
+
+def test_model_and_weights_errors(colour_model, tmp_path):
+    root, weights = colour_model
+    with pytest.raises(SystemExit, match='name its architecture with --model NAME'):
+        validate.main(['--checkpoint', str(weights), '--data-dir', str(root), '--workers', '0'])
+    with pytest.raises(SystemExit, match='does not fit model'):
+        validate.main([*SMALL[:2], '--checkpoint', str(weights), '--data-dir', str(root)])   # full-size DeiT
+    with pytest.raises(SystemExit):   # argparse: nothing to evaluate
+        validate.main(['--model', 'deit_tiny_patch16_224', '--data-dir', str(root)])
+    with pytest.raises(SystemExit, match='not a train.py checkpoint|--use-ema'):
+        validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(root), '--use-ema'])
+    with pytest.raises(SystemExit, match='--occlusion 1.5'):
+        validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(root), '--occlusion', '1.5'])
+    assert set(NAMED_SUBSETS) == {'imagenet-a', 'imagenet-r'}
