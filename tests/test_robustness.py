@@ -1,5 +1,6 @@
 """validate.py on timm models and state dicts, class subsets (ImageNet-A/R) and occlusion, on data made here."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,44 @@ def test_model_and_weights_errors(colour_model, tmp_path):
     with pytest.raises(SystemExit, match='--occlusion 1.5'):
         validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(root), '--occlusion', '1.5'])
     assert set(NAMED_SUBSETS) == {'imagenet-a', 'imagenet-r'}
+
+
+def test_robustness_report(colour_model, tmp_path):
+    """scripts/robustness.py: one row per checkpoint, clean / occlusion / ImageNet-A / ImageNet-R columns, a plot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+    import robustness
+    root, weights = colour_model
+    shared = sorted(set(read_class_subset('imagenet-a')) & set(read_class_subset('imagenet-r')))[:3]
+    imagenet = timm.data.ImageNetInfo().label_names()
+    state = torch.load(weights, weights_only=True)['model']
+    head_w, head_b = torch.zeros(1000, 16), torch.full((1000,), -100.0)   # the colour classes as 3 of 1000
+    for c, wnid in enumerate(shared):
+        head_w[imagenet.index(wnid)], head_b[imagenet.index(wnid)] = state['head.weight'][c], state['head.bias'][c]
+    state['head.weight'], state['head.bias'] = head_w, head_b
+    weights = tmp_path / 'colours.pth'
+    torch.save(state, weights)
+    for target in ('imagenet/val', 'imagenet-a', 'imagenet-r'):
+        for c, wnid in enumerate(shared):
+            (tmp_path / target / wnid).mkdir(parents=True)
+            for image in (root / 'val' / f'class{c}').iterdir():
+                (tmp_path / target / wnid / image.name).write_bytes(image.read_bytes())
+    copy = tmp_path / 'copy.pth'
+    copy.write_bytes(weights.read_bytes())
+    out = tmp_path / 'report' / 'robust.md'
+    table = robustness.main([str(weights), str(copy), *SMALL, '--data-dir', str(tmp_path / 'imagenet'), '--occlusion', '0.5', '1',
+                             '--occlusion-patch', '8', '--imagenet-a', str(tmp_path / 'imagenet-a'),
+                             '--imagenet-r', str(tmp_path / 'imagenet-r'), '--output', str(out)])
+    assert [label for label, _ in table] == ['colours.pth', 'copy.pth']
+    values = table[0][1]
+    assert values['clean'] == 100.0 and values['ImageNet-A'] == 100.0 and values['ImageNet-R'] == 100.0
+    assert values['occlusion 1'] == pytest.approx(100 / 3) and values['occlusion 0.5'] <= 100.0
+    lines = out.read_text().splitlines()
+    assert lines[0] == '| checkpoint | clean | occlusion 0.5 | occlusion 1 | ImageNet-A | ImageNet-R |'
+    assert lines[2].startswith('| colours.pth | 100.00 |') and lines[2].endswith('| 33.33 | 100.00 | 100.00 |')
+    with Image.open(out.with_suffix('.png')) as plot:
+        assert plot.size == (720, 480) and len(plot.convert('RGB').getcolors(1 << 20)) > 3   # drawn, not blank
+    csv_out = tmp_path / 'robust.csv'
+    robustness.main([str(weights), *SMALL, '--data-dir',
+                     str(tmp_path / 'imagenet'), '--occlusion', '--output', str(csv_out)])
+    assert csv_out.read_text().splitlines() == ['checkpoint,clean', 'colours.pth,100.0000']
+    assert not csv_out.with_suffix('.png').exists()          # no occlusion ratios: nothing to plot

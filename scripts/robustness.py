@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Robustness report: top-1 of each checkpoint on clean, occluded, ImageNet-A and ImageNet-R images.
+
+    python scripts/robustness.py RUN_A/model_best.pth.tar RUN_B/model_best.pth.tar --data-dir /data/imagenet \\
+        --imagenet-a /data/imagenet-a --imagenet-r /data/imagenet-r --output robustness.md
+    python scripts/robustness.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet \\
+        --occlusion 0.5 --output deit_s.csv
+
+One row per checkpoint; columns: clean top-1, top-1 at every --occlusion ratio (default 0.1 … 0.9, the
+information-loss axis of TransMix's occlusion study), ImageNet-A and ImageNet-R top-1 (over their 200
+classes) where their folders are given. FILE is markdown, or CSV when it ends in .csv; FILE with .png is
+a plot of top-1 against the occlusion ratio. The table is rewritten after each checkpoint. Every other
+option (--model, --pretrained, --use-ema, --batch-size, --workers, --device, --amp, --img-size,
+--occlusion-seed, ...) is validate.py's, with its meaning. Runs under torchrun like validate.py.
+"""
+import argparse
+import copy
+import csv
+import io
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import validate  # noqa: E402
+from mixpro.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
+from mixpro.config import ConfigError  # noqa: E402
+from mixpro.distributed import cleanup, init_distributed  # noqa: E402
+from mixpro.pictures import line_plot  # noqa: E402
+from mixpro.validation import evaluate_loaded, load_model  # noqa: E402
+
+DEFAULT_RATIOS = [round(0.1 * k, 1) for k in range(1, 10)]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('checkpoints', nargs='*', metavar='CHECKPOINT',
+                        help='train.py checkpoints, or state dicts of --model')
+    parser.add_argument('--data-dir', required=True, help='ImageNet-style root with <split>/<class>/')
+    parser.add_argument('--split', default='val')
+    parser.add_argument('--occlusion', type=float, nargs='*', default=DEFAULT_RATIOS, metavar='R',
+                        help='occlusion ratios (default 0.1 … 0.9; none: no occlusion columns)')
+    parser.add_argument('--imagenet-a', default=None, metavar='DIR', help='the ImageNet-A folder (<wnid>/<images>)')
+    parser.add_argument('--imagenet-r', default=None, metavar='DIR', help='the ImageNet-R folder (<wnid>/<images>)')
+    parser.add_argument('--output', required=True, metavar='FILE', help='the table: .md (markdown) or .csv')
+    own, rest = parser.parse_known_args(argv)
+    for name in ('--class-subset', '--results-file', '--dataset'):
+        if any(arg == name or arg.startswith(name + '=') for arg in rest):
+            parser.error(f'{name} is set by this script')
+    checkpoints = ['--checkpoint', *own.checkpoints] if own.checkpoints else []
+    base = validate.parse_args([*checkpoints, *rest, '--data-dir', own.data_dir, '--split', own.split])
+    base.dataset = ''   # ImageFolder data, whatever dataset the checkpoints trained on
+    return own, base
+
+
+def _label(source: str, sources) -> str:
+    """A checkpoint's short name: its file name, with its run folder where that says more."""
+    path = Path(source)
+    generic = path.name.startswith(('model_best', 'last', 'checkpoint-'))
+    repeated = sum(Path(other).name == path.name for other in sources) > 1
+    return f'{path.parent.name}/{path.name}' if generic or repeated else path.name
+
+
+def columns(own) -> list:
+    return (['clean'] + [f'occlusion {r:g}' for r in own.occlusion] +
+            (['ImageNet-A'] if own.imagenet_a else []) + (['ImageNet-R'] if own.imagenet_r else []))
+
+
+def to_markdown(table: list, names: list) -> str:
+    lines = ['| checkpoint | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+    for label, values in table:
+        lines.append(f'| {label} | ' + ' | '.join(f'{values[n]:.2f}' if n in values else '' for n in names) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def to_csv(table: list, names: list) -> str:
+    text = io.StringIO(newline='')
+    writer = csv.writer(text)
+    writer.writerow(['checkpoint', *names])
+    for label, values in table:
+        writer.writerow([label, *(f'{values[n]:.4f}' if n in values else '' for n in names)])
+    return text.getvalue()
+
+
+def write_report(table: list, own) -> None:
+    output = Path(own.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    names = columns(own)
+    atomic_write_text(output, to_csv(table, names) if output.suffix == '.csv' else to_markdown(table, names))
+    if own.occlusion:
+        series = {label: [(0.0, values['clean'])] + [(r, values[f'occlusion {r:g}']) for r in own.occlusion]
+                  for label, values in table}
+        line_plot(series, output.with_suffix('.png'), 'Top-1 under random patch occlusion',
+                  f'fraction of {own.occlusion_patch}-px patches dropped', 'top-1 (%)')
+
+
+def subset_args(base, folder: str, subset: str):
+    """validate.py's options for an ImageNet-A/R folder: the folder is the split, its wnids the classes."""
+    args = copy.copy(base)
+    folder = Path(folder).resolve()
+    args.data_dir, args.split, args.class_subset = str(folder.parent), folder.name, subset
+    return args
+
+
+def main(argv=None):
+    own, base = parse_args(argv)
+    own.occlusion_patch = base.occlusion_patch
+    dist_info = init_distributed(base.device)
+    table = []
+    try:
+        sources = base.checkpoint or [None]
+        for checkpoint in sources:
+            loaded = load_model(base, checkpoint)
+            values = {}
+            rows = evaluate_loaded(base, loaded, dist_info, [0.0, *own.occlusion])
+            values['clean'] = rows[0]['top1']
+            values.update({f'occlusion {r:g}': row['top1'] for r, row in zip(own.occlusion, rows[1:])})
+            for folder, subset, name in ((own.imagenet_a, 'imagenet-a', 'ImageNet-A'),
+                                         (own.imagenet_r, 'imagenet-r', 'ImageNet-R')):
+                if folder:
+                    values[name] = evaluate_loaded(subset_args(base, folder, subset), loaded, dist_info)[0]['top1']
+            table.append((_label(loaded.source, [str(s) for s in sources if s]), values))
+            if dist_info.is_primary:
+                write_report(table, own)
+        if dist_info.is_primary:
+            print(f'\nwrote {own.output}' + (f' and {Path(own.output).with_suffix(".png")}' if own.occlusion else ''))
+            print(to_markdown(table, columns(own)), end='')
+        return table
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
+        sys.exit(f'error: {err}')
+    finally:
+        cleanup()
+
+
+if __name__ == '__main__':
+    main()
