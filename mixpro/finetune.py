@@ -49,7 +49,8 @@ def read_weights(path, option: str = '--initial-checkpoint') -> Dict[str, torch.
     return clean_state_dict(weights)   # DDP's 'module.' and torch.compile's '_orig_mod.' prefixes
 
 
-def timm_pretrained_weights(model_name: str) -> Tuple[Dict[str, torch.Tensor], str]:
+def timm_pretrained_weights(model_name: str,
+                            file_option: str = '--initial-checkpoint') -> Tuple[Dict[str, torch.Tensor], str]:
     """timm's published weights for ``model_name`` and their name. timm builds its default architecture
     (its image size and class count), so its own loader and conversions apply; fit_weights() then adapts
     them to this run's model like any other file."""
@@ -59,7 +60,7 @@ def timm_pretrained_weights(model_name: str) -> Tuple[Dict[str, torch.Tensor], s
         reason = ' '.join(str(err).split())[:200] or type(err).__name__   # OSError), or no weights exist
         raise ConfigError(f"--pretrained: could not get timm's pretrained weights for {model_name} ({reason}); "
                           f'download a weight file where there is network and start from it with '
-                          f'--initial-checkpoint PATH') from err
+                          f'{file_option} PATH') from err
     cfg = source.pretrained_cfg
     name = f"timm's pretrained {cfg.get('architecture', model_name)}" + (f".{cfg['tag']}" if cfg.get('tag') else '')
     return source.state_dict(), name

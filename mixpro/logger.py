@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 from timm.utils import update_summary
-from torchvision.utils import make_grid
 
 from .checkpoint import atomic_write_text
+from .pictures import snapshot_sheet, to_tensor
 
 
 class RunLogger:
@@ -61,10 +61,9 @@ class RunLogger:
             flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
         update_summary(epoch, {'loss': train['loss']}, flat, str(self.summary), lr=lr)
 
-    def log_images(self, epoch: int, snapshot: dict, mean, std) -> None:
-        images = snapshot['images']
-        images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-        self.writer.add_image('mix/samples', make_grid(images.clamp(0, 1), nrow=8), epoch)
+    def log_images(self, epoch: int, snapshot: dict, mean, std, class_names=None) -> None:
+        """The first mixed images of the epoch with their labels, λ and class attention (mix_snapshot)."""
+        self.writer.add_image('mix/samples', to_tensor(snapshot_sheet(snapshot, mean, std, class_names)), epoch)
 
     def close(self) -> None:
         self.writer.close()

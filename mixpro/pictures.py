@@ -72,3 +72,95 @@ def line_plot(series: Dict[str, List[Tuple[float, float]]], path, title: str, xl
         draw.line([(left + 10, legend_y + 6), (left + 30, legend_y + 6)], fill=colour, width=3)
         draw.text((left + 35, legend_y), label, fill='black', font=small)
     image.save(path)
+
+
+def to_unit(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised ``[B, 3, H, W]`` images back to [0, 1]."""
+    mean = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def tile(image: torch.Tensor, size: int) -> Image.Image:
+    """A ``[3, H, W]`` image in [0, 1] as a ``size``-px PIL square (nearest: small images stay sharp)."""
+    array = (image.permute(1, 2, 0).float().numpy() * 255).round().astype('uint8')
+    return Image.fromarray(array).resize((size, size), Image.NEAREST)
+
+
+def grey_tile(values: torch.Tensor, size: int) -> Image.Image:
+    """A ``[h, w]`` map in [0, 1] as a grey square (white = 1), with the grid drawn on it."""
+    h, w = values.shape
+    image = tile(values.float().view(1, h, w).expand(3, h, w), size)
+    draw = ImageDraw.Draw(image)
+    for i in range(1, h):
+        draw.line([(0, i * size / h), (size, i * size / h)], fill=(160, 160, 200))
+    for j in range(1, w):
+        draw.line([(j * size / w, 0), (j * size / w, size)], fill=(160, 160, 200))
+    return image
+
+
+def attention_tile(image: torch.Tensor, attention: torch.Tensor, size: int) -> Image.Image:
+    """The class attention (``[N]`` over a square token grid) as a red heat map over ``image``, scaled
+    from its smallest to its largest token (a near-uniform attention still shows where it leans)."""
+    side = math.isqrt(attention.numel())
+    heat = attention.float().view(1, 1, side, side)
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    heat = torch.nn.functional.interpolate(heat, size=image.shape[-2:], mode='nearest')[0]
+    red = torch.stack([torch.ones_like(heat[0]), torch.zeros_like(heat[0]), torch.zeros_like(heat[0])])
+    return tile(image * (1 - 0.7 * heat) + red * 0.7 * heat, size)
+
+
+def compose(rows: List[List[Optional[Image.Image]]], captions: List[List[str]], size: int,
+            titles: Optional[List[str]] = None, columns_per_row: int = 1) -> Image.Image:
+    """Tiles in a grid, ``captions`` (lines) under each row of tiles; ``columns_per_row`` rows side by side."""
+    text = font(11)
+    line_height = 14
+    caption_height = line_height * max((len(c) for c in captions), default=0) + 6
+    title_height = 18 if titles else 0
+    cells = max(len(r) for r in rows)
+    cell_w, cell_h = cells * (size + 4) + 8, size + caption_height + 4
+    grid_rows = math.ceil(len(rows) / columns_per_row)
+    sheet = Image.new('RGB', (columns_per_row * cell_w, title_height + grid_rows * cell_h), 'white')
+    draw = ImageDraw.Draw(sheet)
+    for block in range(columns_per_row if titles else 0):
+        for j, title in enumerate(titles):
+            draw.text((block * cell_w + j * (size + 4) + size / 2, 4), title, fill='black', font=text, anchor='mt')
+    for n, (tiles, lines) in enumerate(zip(rows, captions)):
+        x0, y0 = (n % columns_per_row) * cell_w, title_height + (n // columns_per_row) * cell_h
+        for j, image in enumerate(tiles):
+            if image is not None:
+                sheet.paste(image, (x0 + j * (size + 4), y0))
+        for k, line in enumerate(lines):
+            draw.text((x0, y0 + size + 3 + k * line_height), line, fill='black', font=text)
+    return sheet
+
+
+def _name(index: int, class_names: Optional[List[str]]) -> str:
+    return class_names[index] if class_names and 0 <= index < len(class_names) else str(index)
+
+
+def snapshot_sheet(snapshot: dict, mean, std, class_names: Optional[List[str]] = None, size: int = 112) -> Image.Image:
+    """The TensorBoard picture of a logged batch: each mixed image, its class attention where the step
+    had one, and a caption with both labels and λ_area / λ_attn / α."""
+    images = to_unit(snapshot['images'], mean, std)
+    rows, captions = [], []
+    for i in range(images.shape[0]):
+        tiles = [tile(images[i], size)]
+        if snapshot['attention'] is not None:
+            tiles.append(attention_tile(images[i], snapshot['attention'][i], size))
+        rows.append(tiles)
+        own, other = int(snapshot['labels'][i]), int(snapshot['partner_labels'][i])
+        lam_area = float(snapshot['lam_area'][i])
+        lines = [f"{snapshot['kind']}: {_name(own, class_names)}" +
+                 ('' if snapshot['kind'] == 'none' else f" + {_name(other, class_names)}, area {lam_area:.2f}")]
+        if snapshot['lam_attn'] is not None:   # the default font has no Greek: lam / alpha spelt out
+            alpha = '' if snapshot['alpha'] is None else f" alpha {float(snapshot['alpha'][i]):.2f}"
+            lines.append(f"attn {float(snapshot['lam_attn'][i]):.2f}{alpha}")
+        captions.append(lines)
+    return compose(rows, captions, size, columns_per_row=4)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL picture as a ``[3, H, W]`` float tensor in [0, 1] (TensorBoard's image format)."""
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3) \
+        .permute(2, 0, 1).float() / 255

@@ -89,7 +89,7 @@ def load_timm_model(args, checkpoint: Optional[str]) -> LoadedModel:
         weights = read_weights(checkpoint, option='--checkpoint')
         source = str(checkpoint)
     elif args.pretrained:
-        weights, source = timm_pretrained_weights(args.model)
+        weights, source = timm_pretrained_weights(args.model, file_option='--checkpoint')
     else:
         raise ConfigError(f'--model {args.model} needs weights: --pretrained, or --checkpoint FILE')
     model_args = Namespace(model=args.model, model_kwargs=dict(args.model_kwargs or {}), img_size=args.img_size,
