@@ -9,6 +9,7 @@
     torchrun --nproc_per_node=8 validate.py --checkpoint ... --data-dir /data/imagenet --use-ema
 """
 import argparse
+import os
 import sys
 
 from mixpro.checkpoint import CheckpointError
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
     data.add_argument('--batch-size', '-b', type=int, default=256)
-    data.add_argument('--workers', '-j', type=int, default=4)
+    data.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1))
     robust = parser.add_argument_group('occlusion (TransMix / Naseer et al.: random patches turned black)')
     robust.add_argument('--occlusion', type=float, nargs='+', default=None, metavar='R',
                         help='fraction(s) of the patches dropped from every image; one result per ratio')

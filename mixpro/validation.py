@@ -165,6 +165,20 @@ def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
         raise ConfigError(f'{root} has class folder(s) outside --class-subset {option}: {", ".join(unknown[:5])}')
 
 
+def _numbered_classes(root: Path, class_to_idx, is_primary: bool):
+    """ImageNet-V2's layout names class folders by output index (0 … 999): label them by that number
+    when the model's class names do not name them."""
+    if not root.is_dir():
+        return class_to_idx
+    folders = [e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith('.')]
+    if not folders or not all(name.isdigit() for name in folders) or \
+            (class_to_idx and any(name in class_to_idx for name in folders)):
+        return class_to_idx
+    if is_primary:
+        print(f'note: the class folders of {root} are numbers: each labels the output of that index', flush=True)
+    return {name: int(name) for name in folders}
+
+
 def build_eval_data(args, loaded: LoadedModel, dist_info):
     """``(loader, model to evaluate, split label)`` for one loaded model: its dataset with the class index
     its outputs need, and the model restricted to ``--class-subset`` where one is given."""
@@ -185,6 +199,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
         model = SubsetLogits(model, outputs)
         class_to_idx = {name: i for i, name in enumerate(subset)}   # labels: positions in the subset
         data_args.class_map = ''
+    elif not dataset_name:
+        class_to_idx = _numbered_classes(Path(data_dir) / args.split, class_to_idx, dist_info.is_primary)
     dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
     classes = num_classes_of(dataset)
     expected = getattr(run_args, 'num_classes', None) if loaded.from_run else None

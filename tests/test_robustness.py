@@ -204,3 +204,15 @@ def test_robustness_report(colour_model, tmp_path):
                      str(tmp_path / 'imagenet'), '--occlusion', '--output', str(csv_out)])
     assert csv_out.read_text().splitlines() == ['checkpoint,clean', 'colours.pth,100.0000']
     assert not csv_out.with_suffix('.png').exists()          # no occlusion ratios: nothing to plot
+
+
+def test_numbered_class_folders_label_their_output(colour_model, tmp_path, capsys):
+    """ImageNet-V2's layout: folder 'k' holds images of output k (here 0 and 2: sorting would make 2 label 1)."""
+    root, weights = colour_model
+    for c in (0, 2):
+        (tmp_path / 'v2' / str(c)).mkdir(parents=True)
+        for image in (root / 'val' / f'class{c}').iterdir():
+            (tmp_path / 'v2' / str(c) / image.name).write_bytes(image.read_bytes())
+    rows = validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
+    assert 'are numbers: each labels the output of that index' in capsys.readouterr().out
+    assert rows[0]['samples'] == 24 and rows[0]['top1'] == 100.0
