@@ -216,3 +216,19 @@ def test_numbered_class_folders_label_their_output(colour_model, tmp_path, capsy
     rows = validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
     assert 'are numbers: each labels the output of that index' in capsys.readouterr().out
     assert rows[0]['samples'] == 24 and rows[0]['top1'] == 100.0
+
+
+def test_occlusion_follows_dataset_indices_across_ranks():
+    """Under DDP each rank reads a shard: an image gets the same patches as in a single process."""
+    from mixpro.data import ShardSampler
+    images = torch.randn(10, 3, 32, 32)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(10))
+
+    def occluded(rank, world):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=ShardSampler(10, rank, world))
+        batches = OccludedBatches(loader, 0.5, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch=8, seed=4)
+        return {int(i): x for xs, ys in batches for x, i in zip(xs, ys)}
+    single, shards = occluded(0, 1), {**occluded(0, 2), **occluded(1, 2)}
+    assert sorted(shards) == list(range(10))
+    assert all(torch.equal(single[i], shards[i]) for i in range(10))
+    assert not torch.equal(single[0], images[0])
