@@ -24,20 +24,23 @@ from .config import ConfigError
 MIN_LOADED_FRACTION = 0.5   # fewer of the model's tensors than this loaded: the file is not for this model
 
 
-def read_weights(path, option: str = '--initial-checkpoint') -> Dict[str, torch.Tensor]:
-    """The plain weights in a train.py / timm training checkpoint (not its EMA), a state dict (also under
-    'model' or 'state_dict', as DeiT and timm save them) or a ``.safetensors`` file."""
+def read_checkpoint_file(path, option: str = '--initial-checkpoint'):
+    """Whatever a weight file holds: a ``.safetensors`` file's tensors, or the object a ``.pth`` holds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'{option} {path} does not exist')
     if path.suffix == '.safetensors':
         try:
-            state = safetensors.torch.load_file(path, device='cpu')
+            return safetensors.torch.load_file(path, device='cpu')
         except Exception as err:   # safetensors has its own error type for a damaged file
             raise CheckpointError(f'{option} {path} cannot be read: {err}') from err
-    else:
-        with torch.serialization.safe_globals([argparse.Namespace]):   # timm's train.py saves args as one
-            state = load_checkpoint(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):   # timm's train.py saves args as one
+        return load_checkpoint(path)
+
+
+def weights_in(state, path, option: str = '--initial-checkpoint') -> Dict[str, torch.Tensor]:
+    """The plain weights in what a file held: a train.py / timm training checkpoint (not its EMA), a state
+    dict (also under 'model' or 'state_dict', as DeiT and timm save them)."""
     for key in ('state_dict', 'model'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -47,6 +50,11 @@ def read_weights(path, option: str = '--initial-checkpoint') -> Dict[str, torch.
         raise ConfigError(f'{option} {path} holds no weights (no tensors, nor a state_dict or '
                           f'model entry with tensors)')
     return clean_state_dict(weights)   # DDP's 'module.' and torch.compile's '_orig_mod.' prefixes
+
+
+def read_weights(path, option: str = '--initial-checkpoint') -> Dict[str, torch.Tensor]:
+    """The plain weights of a weight file (see ``weights_in``), ``.safetensors`` included."""
+    return weights_in(read_checkpoint_file(path, option), path, option)
 
 
 def timm_pretrained_weights(model_name: str,

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg_value
 from timm.data.readers.class_map import load_class_map
 
 from .checkpoint import load_checkpoint
@@ -18,7 +19,7 @@ from .config import ConfigError
 from .data import build_dataset, eval_loader, num_classes_of
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
-from .finetune import family_filter, read_weights, timm_pretrained_weights
+from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
 from .robustness import OccludedBatches, SubsetLogits, imagenet_class_index, read_class_subset, subset_outputs
 from .training import build_model   # the same model construction as training
 
@@ -70,24 +71,23 @@ def _load(model: nn.Module, weights: dict, source, what: str) -> None:
         raise ValueError(f'checkpoint {source} does not fit {what}: {detail}') from err
 
 
-def _head_classes(model_name: str, weights: dict, model_kwargs: dict) -> Optional[int]:
-    """The class count of a state dict's classifier, read from the weights (timm's head name)."""
-    probe = build_model(Namespace(model=model_name, model_kwargs=model_kwargs, img_size=None, drop=0.0,
-                                  drop_path=0.0), 1)
-    heads = probe.pretrained_cfg.get('classifier') or 'head'
+def _head_classes(model_name: str, weights: dict) -> Optional[int]:
+    """The class count of a state dict's classifier (under timm's head name for the model), if it has one."""
+    heads = get_pretrained_cfg_value(model_name, 'classifier') or 'head'
     head = heads[0] if isinstance(heads, (tuple, list)) else heads
     bias = weights.get(f'{head}.bias')
     return None if bias is None else int(bias.shape[0])
 
 
-def load_timm_model(args, checkpoint: Optional[str]) -> LoadedModel:
-    """A timm model (``--model``) with timm's pretrained weights or the weights of a plain state dict."""
+def load_timm_model(args, checkpoint: Optional[str], state=None) -> LoadedModel:
+    """A timm model (``--model``) with timm's pretrained weights or the weights of a plain state dict
+    (``state``: the checkpoint file's content, when already read)."""
     if not args.model:
         raise ConfigError(f'{checkpoint} is not a train.py checkpoint: name its architecture with --model NAME'
                           if checkpoint else 'nothing to evaluate: give --checkpoint FILE… or --model NAME --pretrained')
     if checkpoint:
-        weights = read_weights(checkpoint, option='--checkpoint')
-        source = str(checkpoint)
+        state = read_checkpoint_file(checkpoint, '--checkpoint') if state is None else state
+        weights, source = weights_in(state, checkpoint, '--checkpoint'), str(checkpoint)
     elif args.pretrained:
         weights, source = timm_pretrained_weights(args.model, file_option='--checkpoint')
     else:
@@ -95,7 +95,7 @@ def load_timm_model(args, checkpoint: Optional[str]) -> LoadedModel:
     model_args = Namespace(model=args.model, model_kwargs=dict(args.model_kwargs or {}), img_size=args.img_size,
                            crop_pct=args.crop_pct, drop=0.0, drop_path=0.0, amp=False, amp_dtype='bfloat16',
                            dataset='', class_map='', data_dir=None)
-    num_classes = args.num_classes or _head_classes(args.model, weights, model_args.model_kwargs) or 1000
+    num_classes = args.num_classes or _head_classes(args.model, weights) or 1000
     model = build_model(model_args, num_classes)
     convert = family_filter(model)
     if convert is not None:   # official formats (DeiT, PVT, ...) and resized position embeddings
@@ -115,19 +115,19 @@ def _class_names(class_map: Optional[str], num_classes: int) -> Optional[Dict[st
 
 
 def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
-    if checkpoint and not Path(checkpoint).suffix == '.safetensors':
-        state = load_checkpoint(checkpoint, mmap=True)
-        if is_run_checkpoint(state):
-            if args.pretrained:
-                raise ConfigError(f'--pretrained with {checkpoint}: a train.py checkpoint carries its own weights')
-            model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
-                                                                    args.img_size)
-            if args.class_map:
-                class_to_idx = _class_names(args.class_map, state['num_classes'])
-            return LoadedModel(model, str(checkpoint), train_args, class_to_idx, from_run=True)
+    """What ``--checkpoint`` (or ``--model --pretrained``) names, ready to evaluate."""
+    state = read_checkpoint_file(checkpoint, '--checkpoint') if checkpoint else None
+    if is_run_checkpoint(state):
+        if args.pretrained:
+            raise ConfigError(f'--pretrained with {checkpoint}: a train.py checkpoint carries its own weights')
+        model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
+                                                                args.img_size)
+        if args.class_map:
+            class_to_idx = _class_names(args.class_map, state['num_classes'])
+        return LoadedModel(model, str(checkpoint), train_args, class_to_idx, from_run=True)
     if args.use_ema:
         raise ConfigError('--use-ema needs a train.py checkpoint trained with --model-ema')
-    return load_timm_model(args, checkpoint)
+    return load_timm_model(args, checkpoint, state)
 
 
 def precision(args, train_args) -> Tuple[Optional[torch.dtype], str]:

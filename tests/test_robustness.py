@@ -232,3 +232,17 @@ def test_occlusion_follows_dataset_indices_across_ranks():
     assert sorted(shards) == list(range(10))
     assert all(torch.equal(single[i], shards[i]) for i in range(10))
     assert not torch.equal(single[0], images[0])
+
+
+def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path):
+    """Weights as timm's train.py saves them (args as a Namespace, weights under state_dict) and as safetensors."""
+    import argparse
+    import safetensors.torch
+    root, weights = colour_model
+    state = torch.load(weights, weights_only=True)['model']
+    torch.save({'epoch': 3, 'arch': 'deit_tiny_patch16_224', 'args': argparse.Namespace(lr=1e-3),
+                'state_dict': {f'module.{k}': v for k, v in state.items()}}, tmp_path / 'timm_train.pth.tar')
+    safetensors.torch.save_file(state, str(tmp_path / 'colours.safetensors'))
+    rows = validate.main([*SMALL, '--checkpoint', str(tmp_path / 'timm_train.pth.tar'),
+                          str(tmp_path / 'colours.safetensors'), '--data-dir', str(root)])
+    assert [r['top1'] for r in rows] == [100.0, 100.0] and rows[0]['loss'] == pytest.approx(rows[1]['loss'])
