@@ -4,7 +4,6 @@ import io
 from pathlib import Path
 from typing import Optional
 
-import torch
 from timm.utils import update_summary
 
 from .checkpoint import atomic_write_text
