@@ -29,11 +29,85 @@ def maskmix_cells(batch: int, grid: Tuple[int, int], n_keep: int, generator: tor
     return keep.view(batch, gh, gw)
 
 
+def cells_to_blocks(cells: torch.Tensor, per_cell: int, rows: int, cols: int) -> torch.Tensor:
+    """``[B, Gh, Gw]`` cell mask -> ``[B, rows, cols]`` mask of a finer grid with ``per_cell`` x
+    ``per_cell`` units per cell, cropped to ``rows`` x ``cols`` (the image border crops the last cells)."""
+    b, gh, gw = cells.shape
+    if per_cell == 1:
+        return cells[:, :rows, :cols]
+    units = cells[:, :, None, :, None].expand(b, gh, per_cell, gw, per_cell)
+    return units.reshape(b, gh * per_cell, gw * per_cell)[:, :rows, :cols]
+
+
 def cells_to_pixels(cells: torch.Tensor, cell: int, height: int, width: int) -> torch.Tensor:
     """Blow a ``[B, Gh, Gw]`` cell mask up to a ``[B, 1, H, W]`` pixel mask, cropping the border."""
-    b, gh, gw = cells.shape
-    pixels = cells[:, :, None, :, None].expand(b, gh, cell, gw, cell).reshape(b, gh * cell, gw * cell)
-    return pixels[:, None, :height, :width]
+    return cells_to_blocks(cells, cell, height, width)[:, None]
+
+
+class CellGeometry:
+    """Constants of MaskMix on one image size, cell size, batch and device, built once (on the device,
+    from ``arange``: a tensor made from a Python list would be a blocking copy).
+
+    The image is cut into square *blocks* of ``u = gcd(cell, H, W)`` px: every block lies inside one
+    (possibly cropped) cell, so the mixed image is ONE gather over a block view of the batch, each
+    block read whole from its source image (see ``mix_cells``)."""
+
+    def __init__(self, batch: int, height: int, width: int, cell: int, device):
+        self.batch, self.height, self.width, self.cell = batch, height, width, cell
+        self.grid = maskmix_grid(height, width, cell)
+        self.block = math.gcd(cell, math.gcd(height, width))
+        self.rows, self.cols = height // self.block, width // self.block
+        self.samples = torch.arange(batch, device=device)
+        self.block_rows = torch.arange(self.rows, device=device).view(1, -1, 1)
+        self.block_cols = torch.arange(self.cols, device=device).view(1, 1, -1)
+        self.area = visible_cell_area(self.grid, cell, height, width, device=device)
+        # pixel ranges of every cell, row-major like the cell mask
+        self.regions = [(slice(r * cell, min(height, (r + 1) * cell)), slice(c * cell, min(width, (c + 1) * cell)))
+                        for r in range(self.grid[0]) for c in range(self.grid[1])]
+
+    def matches(self, batch: int, height: int, width: int, cell: int, device) -> bool:
+        return (batch, height, width, cell) == (self.batch, self.height, self.width, self.cell) and \
+            self.samples.device == torch.device(device)
+
+
+def mix_cells(x: torch.Tensor, cells: torch.Tensor, partner: torch.Tensor, geometry: CellGeometry,
+              out: torch.Tensor = None) -> torch.Tensor:
+    """MaskMix composition in one pass: ``x[b]`` where ``cells[b]`` is True, ``x[partner[b]]`` elsewhere.
+
+    One gather over a ``[B, rows, cols, C, u, u]`` block view of ``x`` writes every block of the
+    result from its source image (read once, written once: no full-size partner copy, no pixel mask).
+    ``out`` (contiguous, like ``x``) receives the result; a new tensor when None. ``x`` is not changed.
+    """
+    b, c, height, width = x.shape
+    g = geometry
+    u, rows, cols = g.block, g.rows, g.cols
+    keep_blocks = cells_to_blocks(cells, g.cell // u, rows, cols)                # [B, rows, cols]
+    source = torch.where(keep_blocks, g.samples.view(-1, 1, 1), partner.view(-1, 1, 1))
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    blocks_in = x.view(b, c, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5)
+    blocks_out = out.view(b, c, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5)
+    torch.ops.aten.index.Tensor_out(blocks_in, [source, g.block_rows, g.block_cols], out=blocks_out)
+    return out
+
+
+def mix_cells_in_place(x: torch.Tensor, cells: torch.Tensor, partner: torch.Tensor, geometry: CellGeometry) -> torch.Tensor:
+    """The same composition as ``mix_cells``, written into ``x``: cell by cell, only the samples that
+    take that cell from their partner are copied (a gather of those cells, then a scatter into them).
+
+    Reads the cell mask back to the host (one sync), so it is the CPU path: there a sync costs nothing,
+    a new batch-sized tensor costs page faults, and copying only the partner's cells halves the traffic.
+    Cells are disjoint, so each cell's partners are read before anything writes them."""
+    flat = ~cells.flatten(1).t()                                  # [T, B] True where the partner shows
+    counts = flat.sum(1).tolist()
+    taking = flat.nonzero()[:, 1]                                 # samples taking a cell, cell by cell
+    takers, sources = taking.split(counts), partner[taking].split(counts)
+    for (rows, cols), take, source in zip(geometry.regions, takers, sources):
+        if len(take):
+            region = x[:, :, rows, cols]
+            region.index_copy_(0, take, region.index_select(0, source))
+    return x
 
 
 def visible_cell_area(grid: Tuple[int, int], cell: int, height: int, width: int, device=None) -> torch.Tensor:

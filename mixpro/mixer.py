@@ -21,13 +21,12 @@ device and the same seed gives the same masks, partners and targets.
 """
 import math
 import random
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .masks import (box_keep_mask, cells_to_pixels, maskmix_cells, maskmix_grid, random_box,
-                    token_membership, visible_cell_area)
+from .masks import (CellGeometry, box_keep_mask, cells_to_blocks, cells_to_pixels, maskmix_cells, mix_cells,
+                    mix_cells_in_place, random_box, token_membership)
 from .targets import attention_lambda, mix_target, pal_lambda, transmix_lambda
 
 METHODS = ('mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
@@ -35,18 +34,44 @@ METHODS = ('mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
 DEFAULT_SWITCH_PROB = {'mixup_cutmix': 0.5, 'transmix': 0.8, 'maskmix': 0.5, 'mixpro': 0.5}
 
 
-@dataclass
 class MixStep:
-    """What the last call did: enough to relabel it and to log it."""
-    kind: str                       # 'none' | 'mixup' | 'cutmix' | 'maskmix'
-    labels: torch.Tensor            # [B] original labels
-    partner: torch.Tensor           # [B] index of the image mixed into each sample
-    lam_area: torch.Tensor          # [B] visible fraction of the original image
-    area_target: torch.Tensor       # [B, K] target returned by the call
-    keep: Optional[torch.Tensor]    # [B or 1, 1, H, W] True where the original image shows
-    relabel: Optional[str]          # 'transmix' | 'pal' | None
-    lam_attn: Optional[torch.Tensor] = None   # filled in by relabel()
-    alpha: Optional[torch.Tensor] = None      # PAL progressive factor, filled in by relabel()
+    """What the last call did: enough to relabel it and to log it.
+
+    ``kind``: 'none' | 'mixup' | 'cutmix' | 'maskmix'; ``labels`` [B] original labels; ``partner`` [B]
+    index of the image mixed into each sample; ``lam_area`` [B] visible fraction of the original
+    image; ``area_target`` [B, K] the target the call returned; ``keep`` [B or 1, 1, H, W] True where
+    the original image shows; ``relabel`` 'transmix' | 'pal' | None; ``lam_attn`` and ``alpha`` (PAL's
+    progressive factor) are filled in by ``Mixer.relabel``.
+
+    A MaskMix step keeps its ``[B, Gh, Gw]`` cell mask (``cells``) and builds the pixel mask ``keep``
+    only when something reads it (pictures, tests): the training step itself never needs it.
+    """
+
+    def __init__(self, kind: str, labels: torch.Tensor, partner: torch.Tensor, lam_area: torch.Tensor,
+                 area_target: torch.Tensor, keep: Optional[torch.Tensor], relabel: Optional[str],
+                 lam_attn: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None, *,
+                 cells: Optional[torch.Tensor] = None, mask_cell: int = 0, image_size=(0, 0),
+                 partner_labels: Optional[torch.Tensor] = None):
+        self.kind, self.labels, self.partner, self.lam_area = kind, labels, partner, lam_area
+        self.area_target, self.relabel, self.lam_attn, self.alpha = area_target, relabel, lam_attn, alpha
+        self._keep = keep
+        self.cells, self.mask_cell, self.image_size = cells, mask_cell, tuple(image_size)
+        self.partner_labels = partner_labels if partner_labels is not None else labels[partner]
+
+    @property
+    def keep(self) -> Optional[torch.Tensor]:
+        if self._keep is None and self.cells is not None:
+            self._keep = cells_to_pixels(self.cells, self.mask_cell, *self.image_size)
+        return self._keep
+
+    @keep.setter
+    def keep(self, value: Optional[torch.Tensor]) -> None:   # a mask set by hand replaces the cells
+        self._keep, self.cells = value, None
+        if value is not None:
+            self.image_size = tuple(value.shape[-2:])
+
+    def __repr__(self):
+        return f'MixStep(kind={self.kind!r}, relabel={self.relabel!r}, batch={self.labels.shape[0]})'
 
 
 def _check_prob(name, value):
@@ -80,6 +105,10 @@ class Mixer:
         pal_detach_alpha: stop gradients through PAL's α (official code lets them flow).
         seed: seeds both the host and the device generators; use a different one per rank.
     """
+
+    # MaskMix on the CPU copies the partner's cells into x (mix_cells_in_place: one host sync, free there);
+    # elsewhere, and with this off, one gather over a block view writes a new tensor (mix_cells: no sync)
+    cpu_in_place = True
 
     def __init__(self, method: str = 'mixpro', num_classes: int = 1000, label_smoothing: float = 0.1,
                  mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: Optional[float] = None,
@@ -123,6 +152,7 @@ class Mixer:
         self.seed = seed
         self._rng = random.Random(seed)
         self._device_generators = {}
+        self._geometry: Optional[CellGeometry] = None   # MaskMix constants of the last batch shape
         self.last: Optional[MixStep] = None
 
     # ---- randomness -------------------------------------------------------------------------
@@ -163,50 +193,65 @@ class Mixer:
         return self.last is not None and self.last.relabel is not None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        """Mix the batch (in place where possible) and return ``(x_mixed, area_target)``."""
+        """Mix the batch and return ``(x_mixed, area_target)``. Mixup and CutMix write into ``x``, as
+        timm does; MaskMix writes into ``x`` on the CPU and returns a new tensor on an accelerator
+        (one gather, no host sync): use the returned images."""
         kind = self._choose_kind()
         batch, _, height, width = x.shape
-        keep, relabel = None, None
-        # timm pairs sample i with sample B-1-i for Mixup and CutMix; MaskMix uses a permutation.
-        partner = torch.arange(batch - 1, -1, -1, device=x.device)
-        lam_area = torch.ones(batch, device=x.device)
-
-        if kind == 'mixup':
-            lam = self._rng.betavariate(self.mixup_alpha, self.mixup_alpha)
-            partner_images = x.flip(0).mul_(1.0 - lam)   # flip before x is scaled in place
-            x.mul_(lam).add_(partner_images)
-            lam_area.fill_(lam)
-        elif kind == 'cutmix':
-            lam = self._rng.betavariate(self.cutmix_alpha, self.cutmix_alpha)
-            y0, y1, x0, x1 = box = random_box(height, width, lam, self._rng)
-            x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-            lam_area.fill_(1.0 - (y1 - y0) * (x1 - x0) / float(height * width))
-            if self.method == 'transmix':
-                keep, relabel = box_keep_mask(box, height, width, device=x.device), 'transmix'
-        elif kind == 'maskmix':
-            x, keep, partner, lam_area = self._maskmix(x)
+        keep, relabel, cells = None, None, None
+        if kind == 'maskmix':
+            x, cells, partner, lam_area = self._maskmix(x)
             relabel = 'pal' if self.method == 'mixpro' else None
+        else:
+            # timm pairs sample i with sample B-1-i for Mixup and CutMix; MaskMix uses a permutation.
+            partner = torch.arange(batch - 1, -1, -1, device=x.device)
+            lam = 1.0
+            if kind == 'mixup':
+                lam = self._rng.betavariate(self.mixup_alpha, self.mixup_alpha)
+                partner_images = x.flip(0).mul_(1.0 - lam)   # flip before x is scaled in place
+                x.mul_(lam).add_(partner_images)
+            elif kind == 'cutmix':
+                lam = self._rng.betavariate(self.cutmix_alpha, self.cutmix_alpha)
+                y0, y1, x0, x1 = box = random_box(height, width, lam, self._rng)
+                x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+                lam = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+                if self.method == 'transmix':
+                    keep, relabel = box_keep_mask(box, height, width, device=x.device), 'transmix'
+            lam_area = torch.full((batch,), lam, device=x.device)
 
-        area_target = mix_target(y, y[partner], lam_area, self.num_classes, self.label_smoothing)
-        self.last = MixStep(kind, y, partner, lam_area, area_target, keep, relabel)
+        partner_labels = y[partner]
+        area_target = mix_target(y, partner_labels, lam_area, self.num_classes, self.label_smoothing)
+        self.last = MixStep(kind, y, partner, lam_area, area_target, keep, relabel, cells=cells,
+                            mask_cell=self.mask_cell, image_size=(height, width), partner_labels=partner_labels)
         return x, area_target
+
+    def _cell_geometry(self, batch: int, height: int, width: int, device) -> CellGeometry:
+        if self._geometry is None or not self._geometry.matches(batch, height, width, self.mask_cell, device):
+            self._geometry = CellGeometry(batch, height, width, self.mask_cell, device)
+        return self._geometry
 
     def _maskmix(self, x: torch.Tensor):
         batch, _, height, width = x.shape
-        grid = maskmix_grid(height, width, self.mask_cell)
-        total = grid[0] * grid[1]
+        geometry = self._cell_geometry(batch, height, width, x.device)
+        total = geometry.grid[0] * geometry.grid[1]
         n_keep = math.ceil(total * self._rng.betavariate(self.maskmix_alpha, self.maskmix_alpha))
         generator = self._generator(x.device)
-        cells = maskmix_cells(batch, grid, n_keep, generator)
+        cells = maskmix_cells(batch, geometry.grid, n_keep, generator)
         partner = torch.randperm(batch, generator=generator, device=x.device)
-        keep = cells_to_pixels(cells, self.mask_cell, height, width)
-        torch.where(keep, x, x[partner], out=x)
+        # a sample the permutation pairs with itself keeps its whole image: say so in its cells (its
+        # lam_area, keep mask and token membership are then 1, as its pixels are)
+        unmoved = partner == geometry.samples
+        cells |= unmoved.view(-1, 1, 1)
+        if x.device.type == 'cpu' and self.cpu_in_place:
+            x = mix_cells_in_place(x, cells, partner, geometry)
+        else:
+            x = mix_cells(x, cells, partner, geometry)
         if self.maskmix_lam == 'exact':
-            area = visible_cell_area(grid, self.mask_cell, height, width, device=x.device)
-            lam_area = cells.flatten(1).float() @ area
+            lam_area = cells.flatten(1).float() @ geometry.area
         else:
             lam_area = torch.full((batch,), n_keep / total, device=x.device)
-        return x, keep, partner, lam_area
+        lam_area.masked_fill_(unmoved, 1.0)
+        return x, cells, partner, lam_area
 
     # ---- after the forward pass -------------------------------------------------------------
     def relabel(self, logits: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -222,16 +267,22 @@ class Mixer:
             raise ValueError(f'this {step.kind} batch needs the class attention of its forward pass '
                              f'(set probe.enabled = mixer.needs_attention before the forward)')
         attention = attention.flatten(1)
-        height, width = step.keep.shape[-2:]
+        height, width = step.image_size
         if height % self.token_size or width % self.token_size or \
                 attention.shape[1] != (height // self.token_size) * (width // self.token_size):
             raise ValueError(
                 f'attention has {attention.shape[1]} tokens but a {height}x{width} image cut into '
                 f'token_size={self.token_size} px tokens does not give that grid; set token_size to the '
                 f'token size of the attention grid (probe.token_size)')
-        membership = token_membership(step.keep, self.token_size, self.membership)
+        if step.cells is not None:
+            # MaskMix cells are whole tokens: the membership is the cell mask on the token grid (the
+            # same 0/1 values, area or nearest, as pooling the pixel mask, without building it)
+            membership = cells_to_blocks(step.cells, self.mask_cell // self.token_size, height // self.token_size,
+                                         width // self.token_size).float().flatten(1)
+        else:
+            membership = token_membership(step.keep, self.token_size, self.membership)
         lam_attn = attention_lambda(membership, attention)
-        partner_labels = step.labels[step.partner]
+        partner_labels = step.partner_labels
         if step.relabel == 'transmix':
             lam = transmix_lambda(step.lam_area, lam_attn)
             target = mix_target(step.labels, partner_labels, lam, self.num_classes, self.label_smoothing)

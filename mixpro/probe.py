@@ -97,31 +97,52 @@ def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()
 
 
+_HEAD_BLOCKS: Dict[tuple, torch.Tensor] = {}
+
+
+def _head_blocks(heads: int, head_dim: int, scale: float, device) -> torch.Tensor:
+    """``[H, H*D]`` fp32, ``scale`` where column c belongs to head h (``c // D == h``), else 0; built once."""
+    key = (heads, head_dim, float(scale), torch.device(device))
+    if key not in _HEAD_BLOCKS:
+        columns = torch.arange(heads * head_dim, device=device) // head_dim
+        blocks = (columns == torch.arange(heads, device=device).view(-1, 1)).float() * scale
+        _HEAD_BLOCKS[key] = blocks
+    return _HEAD_BLOCKS[key]
+
+
 def cls_attention(layer: nn.Module, x: torch.Tensor, projected: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """Class-token attention over patch tokens, ``[B, N_patches]`` fp32.
 
-    ``x`` is the layer's input ``[B, N, C]`` and ``projected`` the output of its key projection:
-    the keys are read from there, and only the class token's query row is computed again.
+    ``x`` is the layer's input ``[B, N, C]`` and ``projected`` the output of its key projection: the keys
+    are read from there, and so is the class token's query when that projection ran in fp32; under
+    autocast the query row is computed again in fp32. Every head's scaled query sits on its own columns
+    of a block-diagonal ``[B, H, C]`` matrix, so ONE batched matmul against the keys (read in place, no
+    per-head copy) gives all heads' logits: matmul, softmax, mean over heads.
     """
     batch, tokens, _ = x.shape
     heads = layer.num_heads
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        cls_input = x[:, :1].float()
         if isinstance(layer, ClassAttn):
-            q = F.linear(cls_input, layer.q.weight.float(), _float(layer.q.bias))
+            q = F.linear(x[:, 0].float(), layer.q.weight.float(), _float(layer.q.bias))
             k = projected
         else:   # timm Attention: q, k, v stacked in one qkv projection
             dim = layer.attn_dim
-            bias = _float(layer.qkv.bias)
-            q = F.linear(cls_input, layer.qkv.weight[:dim].float(), None if bias is None else bias[:dim])
             k = projected[..., dim:2 * dim]
-        q = q.view(batch, 1, heads, -1).transpose(1, 2)                    # [B, H, 1, D]
-        k = k.float().reshape(batch, tokens, heads, -1).transpose(1, 2)    # [B, H, N, D]
-        if isinstance(layer, Attention):
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        weights = (q * layer.scale) @ k.transpose(-2, -1)                  # [B, H, 1, N]
-        weights = weights.softmax(dim=-1).mean(dim=1)[:, 0]                # [B, N]
-        return weights[:, num_prefix_tokens:]
+            if projected.dtype == torch.float32:
+                q = projected[:, 0, :dim]
+            else:
+                bias = _float(layer.qkv.bias)
+                q = F.linear(x[:, 0].float(), layer.qkv.weight[:dim].float(), None if bias is None else bias[:dim])
+        dim = k.shape[-1]
+        head_dim = dim // heads
+        k = k.float()                                                       # no copy when already fp32
+        if isinstance(layer, Attention) and not (isinstance(layer.q_norm, nn.Identity)
+                                                 and isinstance(layer.k_norm, nn.Identity)):
+            q = layer.q_norm(q.reshape(batch, heads, head_dim)).reshape(batch, dim)
+            k = layer.k_norm(k.reshape(batch, tokens, heads, head_dim)).reshape(batch, tokens, dim)
+        queries = q.unsqueeze(1) * _head_blocks(heads, head_dim, layer.scale, q.device)    # [B, H, C]
+        logits = torch.bmm(queries, k.transpose(1, 2))                                      # [B, H, N]
+        return logits.softmax(dim=-1).mean(dim=1)[:, num_prefix_tokens:]
 
 
 class AttentionProbe:

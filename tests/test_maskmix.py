@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -95,3 +96,194 @@ def test_maskmix_images_match_an_independent_composition():
     assert torch.equal(mixed, expected)
     assert sorted(partner.tolist()) == list(range(6))     # partners form a permutation
     assert math.isclose(float(keep.float().mean()), float(mixer.last.lam_area.mean()), rel_tol=1e-6)
+
+
+# ---- the previous implementation, kept here as the reference for the seeded random stream -----------------
+class PreviousMixer:
+    """The maths of the mixer before the one-pass MaskMix (same host and device random streams): a full
+    pixel mask, ``where(keep, x, x[partner])``, pooled token membership, label formulas written out."""
+
+    def __init__(self, method, num_classes, seed, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
+                 switch_prob=None, maskmix_prob=0.5, mask_cell=64, token_size=16, maskmix_lam='exact',
+                 membership='area', pal_smoothing=0.0):
+        self.method, self.k, self.smoothing = method, num_classes, label_smoothing
+        self.mixup_alpha, self.cutmix_alpha, self.maskmix_prob = mixup_alpha, cutmix_alpha, maskmix_prob
+        self.switch_prob = {'transmix': 0.8}.get(method, 0.5) if switch_prob is None else switch_prob
+        self.cell, self.token, self.lam_mode, self.membership = mask_cell, token_size, maskmix_lam, membership
+        self.pal_smoothing = pal_smoothing
+        self.rng, self.gen = random.Random(seed), torch.Generator().manual_seed(seed)
+
+    def target(self, y, yp, lam, smoothing):
+        off, on = smoothing / self.k, 1.0 - smoothing + smoothing / self.k
+        own = torch.full((len(y), self.k), off).scatter_(1, y.view(-1, 1), on)
+        other = torch.full((len(y), self.k), off).scatter_(1, yp.view(-1, 1), on)
+        return own * lam.view(-1, 1) + other * (1.0 - lam.view(-1, 1))
+
+    def __call__(self, x, y):
+        rng, (b, _, h, w) = self.rng, x.shape
+        rng.random()   # mix_prob draw
+        if self.method == 'maskmix' or (self.method == 'mixpro' and rng.random() < self.maskmix_prob):
+            kind = 'maskmix'
+        else:
+            kind = 'cutmix' if rng.random() < self.switch_prob else 'mixup'
+        partner, lam_area, keep = torch.arange(b - 1, -1, -1), torch.ones(b), None
+        if kind == 'mixup':
+            lam = rng.betavariate(self.mixup_alpha, self.mixup_alpha)
+            other = x.flip(0).mul_(1.0 - lam)
+            x.mul_(lam).add_(other)
+            lam_area.fill_(lam)
+        elif kind == 'cutmix':
+            lam = rng.betavariate(self.cutmix_alpha, self.cutmix_alpha)
+            ratio = math.sqrt(1.0 - lam)
+            ch, cw = int(h * ratio), int(w * ratio)
+            cy, cx = rng.randrange(h), rng.randrange(w)
+            y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+            lam_area.fill_(1.0 - (y1 - y0) * (x1 - x0) / float(h * w))
+            keep = torch.ones(1, 1, h, w, dtype=torch.bool)
+            keep[..., y0:y1, x0:x1] = False
+        else:
+            gh, gw = math.ceil(h / self.cell), math.ceil(w / self.cell)
+            n_keep = math.ceil(gh * gw * rng.betavariate(1.0, 1.0))
+            scores = torch.rand(b, gh * gw, generator=self.gen)
+            cells = torch.zeros(b, gh * gw, dtype=torch.bool).scatter_(1, scores.topk(n_keep, dim=1).indices, True)
+            partner = torch.randperm(b, generator=self.gen)
+            keep = cells.view(b, gh, 1, gw, 1).expand(b, gh, self.cell, gw, self.cell)
+            keep = keep.reshape(b, gh * self.cell, gw * self.cell)[:, None, :h, :w]
+            torch.where(keep, x, x[partner], out=x)
+            if self.lam_mode == 'exact':
+                rows = (h - self.cell * torch.arange(gh)).clamp(max=self.cell).float()
+                cols = (w - self.cell * torch.arange(gw)).clamp(max=self.cell).float()
+                lam_area = cells.float() @ ((rows[:, None] * cols[None, :]).flatten() / float(h * w))
+            else:
+                lam_area = torch.full((b,), n_keep / (gh * gw))
+        self.last = dict(kind=kind, y=y, partner=partner, lam_area=lam_area, keep=keep,
+                         target=self.target(y, y[partner], lam_area, self.smoothing))
+        return x, self.last['target']
+
+    def relabel(self, logits, attention):
+        s = self.last
+        if s['kind'] == 'mixup' or (s['kind'] == 'cutmix' and self.method != 'transmix') or \
+                (s['kind'] == 'maskmix' and self.method != 'mixpro'):
+            return s['target']
+        keep = s['keep'].float()
+        if self.membership == 'area':
+            m = torch.nn.functional.avg_pool2d(keep, self.token).flatten(1)
+        else:
+            m = torch.nn.functional.interpolate(keep, size=(keep.shape[-2] // self.token, keep.shape[-1] // self.token),
+                                                mode='nearest').flatten(1)
+        s['lam_attn'] = (m * attention).sum(1) / attention.sum(1).clamp_min(1e-12)
+        yp = s['y'][s['partner']]
+        if s['kind'] == 'cutmix':
+            return self.target(s['y'], yp, 0.5 * (s['lam_area'] + s['lam_attn']), self.smoothing)
+        alpha = torch.nn.functional.cosine_similarity(logits.float().softmax(1), s['target'], dim=1)
+        s['alpha'] = alpha
+        lam = alpha * s['lam_attn'] + (1.0 - alpha) * s['lam_area']
+        return self.target(s['y'], yp, lam, self.pal_smoothing)
+
+
+@pytest.mark.parametrize('method,size,cell,token,kwargs', [
+    ('mixpro', 64, 16, 16, {}),                                    # whole cells, mixed with CutMix/Mixup steps
+    ('mixpro', 80, 32, 16, dict(label_smoothing=0.0, pal_smoothing=0.1)),   # cropped border cells (16-px blocks)
+    ('maskmix', 72, 32, 8, dict(maskmix_lam='cells')),             # 8-px blocks, official cell-count lambda
+    ('mixpro', 96, 48, 16, dict(membership='nearest', maskmix_prob=1.0)),
+    ('transmix', 64, 64, 16, {}),
+])
+@pytest.mark.parametrize('in_place', [True, False], ids=['cpu_copy', 'one_gather'])
+def test_same_seed_gives_the_previous_implementation_s_masks_partners_and_targets(method, size, cell, token, kwargs,
+                                                                               in_place, monkeypatch):
+    """Bit for bit, except where the permutation pairs a sample with itself: that image is unchanged, so its
+    keep mask is now all True and lam_area / lam_attn are exactly 1 (the old code counted its cells).
+    Both compositions: the CPU's in-place copy and the accelerators' one gather (run here on the CPU)."""
+    monkeypatch.setattr(Mixer, 'cpu_in_place', in_place)
+    new = Mixer(method, num_classes=10, mask_cell=cell, token_size=token, seed=3, **kwargs)
+    old = PreviousMixer(method, 10, seed=3, mask_cell=cell, token_size=token, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    tokens = (size // token) ** 2
+    kinds, self_pairs = set(), 0
+    for _ in range(12):
+        x = torch.randn(16, 3, size, size, generator=gen)
+        y = torch.randint(0, 10, (16,), generator=gen)
+        logits, attention = torch.randn(16, 10, generator=gen), torch.rand(16, tokens, generator=gen)
+        mixed_new, target_new = new(x.clone(), y)
+        mixed_old, target_old = old(x.clone(), y)
+        step, ref = new.last, old.last
+        kinds.add(step.kind)
+        assert step.kind == ref['kind']
+        assert torch.equal(step.partner, ref['partner'])
+        assert torch.equal(mixed_new, mixed_old)
+        moved = step.partner != torch.arange(16)
+        self_pairs += int((~moved).sum()) if step.kind == 'maskmix' else 0
+        same = moved if step.kind == 'maskmix' else torch.ones(16, dtype=torch.bool)
+        assert torch.equal(step.lam_area[same], ref['lam_area'][same])
+        assert torch.equal(target_new[same], target_old[same])
+        assert torch.allclose(target_new, target_old, atol=1e-6)
+        assert (step.keep is None) == (step.kind == 'mixup' or (step.kind == 'cutmix' and method != 'transmix'))
+        if step.keep is not None:
+            keep_old = ref['keep'].clone()
+            if step.kind == 'maskmix':
+                keep_old[~same] = True
+            assert torch.equal(step.keep, keep_old)
+        final_new = new.relabel(logits, attention if new.needs_attention else None)
+        final_old = old.relabel(logits, attention)
+        assert torch.equal(final_new[same], final_old[same])
+        assert torch.allclose(final_new, final_old, atol=1e-6)
+        if step.lam_attn is not None:
+            assert torch.equal(step.lam_attn[same], ref['lam_attn'][same])
+            assert torch.all(step.lam_attn[~same] == 1.0)
+        if step.alpha is not None:
+            assert torch.equal(step.alpha[same], ref['alpha'][same])
+    only_maskmix = method == 'maskmix' or kwargs.get('maskmix_prob') == 1.0
+    assert kinds == {'maskmix'} if only_maskmix else len(kinds) >= 2
+    if 'maskmix' in kinds:
+        assert self_pairs > 0, 'the check should meet a sample paired with itself'
+
+
+def test_a_sample_paired_with_itself_is_whole_and_labelled_as_itself():
+    for seed in range(20):
+        mixer = Mixer('mixpro', num_classes=10, maskmix_prob=1.0, mask_cell=16, token_size=16, seed=seed,
+                      label_smoothing=0.1)
+        x, y = source_coded_batch(4, 64), torch.tensor([1, 2, 3, 4])
+        mixed, target = mixer(x.clone(), y)
+        step = mixer.last
+        alone = step.partner == torch.arange(4)
+        if not alone.any() or alone.all():
+            continue
+        assert torch.equal(mixed[alone], x[alone])                       # the image is unchanged
+        assert torch.all(step.lam_area[alone] == 1.0)
+        assert torch.all(step.keep[alone])
+        smoothed = torch.full((4, 10), 0.01).scatter_(1, y.view(-1, 1), 0.91)
+        assert torch.allclose(target[alone], smoothed[alone], atol=1e-7)
+        final = mixer.relabel(torch.randn(4, 10), torch.rand(4, 16))
+        assert torch.all(step.lam_attn[alone] == 1.0)
+        assert torch.allclose(final[alone], torch.nn.functional.one_hot(y, 10).float()[alone], atol=1e-6)
+        moved = ~alone                                                    # the others still mix
+        assert torch.all(step.lam_area[moved] < 1.0) or step.keep[moved].all()
+        return
+    pytest.fail('no seed paired one sample with itself')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize('size,cell', [(64, 16), (80, 32), (72, 32), (30, 8)])
+def test_one_pass_and_in_place_compositions_equal_where(size, cell, dtype):
+    # the accelerator path (one gather into a new tensor or a buffer) and the CPU path (in place) give the
+    # where() composition
+    from mixpro.masks import CellGeometry, cells_to_pixels, maskmix_cells, mix_cells, mix_cells_in_place
+    gen = torch.Generator().manual_seed(1)
+    geometry = CellGeometry(6, size, size + cell // 2, cell, 'cpu')
+    cells = maskmix_cells(6, geometry.grid, 3, gen)
+    partner = torch.randperm(6, generator=gen)
+    x = (torch.rand(6, 3, size, size + cell // 2, generator=gen) * 200).to(dtype)
+    keep = cells_to_pixels(cells, cell, size, size + cell // 2)
+    expected = torch.where(keep, x, x[partner])
+    before = x.clone()
+    assert torch.equal(mix_cells(x, cells, partner, geometry), expected)
+    buffer = torch.empty_like(x)
+    assert mix_cells(x, cells, partner, geometry, out=buffer) is buffer and torch.equal(buffer, expected)
+    assert torch.equal(x, before), 'x itself is not written'
+    strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)          # a non-contiguous batch
+    assert torch.equal(mix_cells(strided, cells, partner, geometry), expected)
+    assert mix_cells_in_place(strided, cells, partner, geometry) is strided and torch.equal(strided, expected)
+    assert mix_cells_in_place(x, cells, partner, geometry) is x and torch.equal(x, expected)
+    kept = torch.ones_like(cells)                                         # nothing to take: unchanged
+    assert torch.equal(mix_cells_in_place(before.clone(), kept, partner, geometry), before)

@@ -7,6 +7,7 @@ import torch
 from timm.models.cait import ClassAttn
 
 from mixpro import AttentionProbe
+from mixpro.probe import key_projection
 
 # shallow versions of the real architectures keep the test fast; the label layer is the same
 MODELS = {
@@ -116,3 +117,49 @@ def test_models_without_class_token_are_refused_by_name(name, kwargs):
     model = timm.create_model(name, **kwargs)
     with pytest.raises(ValueError, match=name):
         AttentionProbe(model)
+
+
+def previous_cls_attention(layer, x, projected, num_prefix_tokens):
+    """The probe's maths before the one-matmul form: the query row recomputed in fp32, per-head q·kᵀ."""
+    batch, tokens, _ = x.shape
+    heads = layer.num_heads
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        cls_input = x[:, :1].float()
+        if isinstance(layer, ClassAttn):
+            q = torch.nn.functional.linear(cls_input, layer.q.weight.float(),
+                                           None if layer.q.bias is None else layer.q.bias.float())
+            k = projected
+        else:
+            dim = layer.attn_dim
+            bias = None if layer.qkv.bias is None else layer.qkv.bias.float()[:dim]
+            q = torch.nn.functional.linear(cls_input, layer.qkv.weight[:dim].float(), bias)
+            k = projected[..., dim:2 * dim]
+        q = q.view(batch, 1, heads, -1).transpose(1, 2)
+        k = k.float().reshape(batch, tokens, heads, -1).transpose(1, 2)
+        if not isinstance(layer, ClassAttn):
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        weights = (q * layer.scale) @ k.transpose(-2, -1)
+        return weights.softmax(dim=-1).mean(dim=1)[:, 0][:, num_prefix_tokens:]
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16_autocast'])
+@pytest.mark.parametrize('key', ['deit', 'vit_registers', 'cait', 'xcit', 'deit_qk_norm', 'deit_4_heads_no_bias'])
+def test_probe_equals_the_previous_probe(key, amp):
+    extra = {'deit_qk_norm': ('deit_tiny_patch16_224', dict(depth=2, qk_norm=True)),
+             'deit_4_heads_no_bias': ('deit_tiny_patch16_224', dict(depth=2, qkv_bias=False, num_heads=4))}
+    name, kwargs = extra.get(key) or MODELS[key]
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    probe = AttentionProbe(model)
+    if key == 'deit_qk_norm':   # non-trivial norms
+        for norm in (probe.layer.q_norm, probe.layer.k_norm):
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.2, 0.2)
+    captured = {}
+    key_projection(probe.layer).register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    probe.enabled = True
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        model(torch.randn(3, 3, 224, 224))
+    assert captured['out'].dtype == (torch.bfloat16 if amp else torch.float32)
+    expected = previous_cls_attention(probe.layer, captured['x'], captured['out'], probe.num_prefix_tokens)
+    assert probe.attention.dtype == torch.float32 and probe.attention.shape == expected.shape
+    assert torch.allclose(probe.attention, expected, atol=1e-8, rtol=1e-5)
