@@ -108,12 +108,39 @@ class _NonFiniteWatch:
                                 f'lower --lr or a --clip-grad, from the last good weights with --initial-checkpoint')
 
 
+class _LoaderClock:
+    """Host time spent blocked in the loader's ``next()`` (data wait); the rest of the epoch's wall time is
+    compute. No device sync is added: on CUDA the host runs ahead of the device until something waits on it,
+    so the split of one step is not exact, but the log interval ends in a sync (the non-finite-loss check
+    reads a device value), so totals over log intervals and over the epoch are honest: time the host waited
+    for data while the device had nothing queued is data wait, time it waited for the device is compute."""
+
+    def __init__(self):
+        self.data = 0.0
+
+    def timed(self, loader):
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.data += time.perf_counter() - start
+            yield batch
+
+
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,
                     ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False,
                     start_step=0, partial_means=None, stop=None):
     """Train for one epoch, from ``start_step`` when an interrupted epoch is resumed; returns
     ``(metrics, num_updates)``. With a ``stop`` request it ends early after an optimizer step:
-    ``metrics['steps_done']`` is then below ``metrics['steps']``."""
+    ``metrics['steps_done']`` is then below ``metrics['steps']``.
+
+    The step log line shows the mean data wait and compute per step since the previous log line (and the
+    peak memory of the epoch so far on CUDA); ``metrics`` has this rank's epoch totals ``data_wait_s``
+    (host time blocked in the loader) and ``compute_s`` (the rest of the epoch), and ``peak_memory_gb``
+    (CUDA max_memory_allocated over the epoch, 1e9 bytes; None elsewhere)."""
     model.train()
     accum = args.grad_accum_steps
     steps = start_step + len(loader)
@@ -122,7 +149,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
     start = time.time()
     images_seen = 0
     steps_done = steps
-    for i, (x, y) in enumerate(loader, start=start_step):
+    clock, on_cuda = _LoaderClock(), torch.device(device).type == 'cuda'
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock_start = last_log = time.perf_counter()
+    data_at_log, step_at_log = 0.0, start_step
+    for i, (x, y) in enumerate(clock.timed(loader), start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x, target = mixer(x, y)
         if args.channels_last:
@@ -165,19 +197,28 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
             now = time.time()
             rate = images_seen * world_size / max(now - start, 1e-9)
             eta = (now - start) / (i + 1 - start_step) * (steps - i - 1)
+            now_pc, interval_steps = time.perf_counter(), i + 1 - step_at_log
+            data_ms = 1e3 * (clock.data - data_at_log) / interval_steps
+            compute_ms = 1e3 * (now_pc - last_log) / interval_steps - data_ms
+            last_log, data_at_log, step_at_log = now_pc, clock.data, i + 1
+            memory = f' mem {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB' if on_cuda else ''
             print(f'epoch {epoch} [{i + 1:>4d}/{steps} ({100 * (i + 1) / steps:3.0f}%)] '
                   f'loss {means.mean("loss"):.4f} lr {current_lr(optimizer):.3e} '
-                  f'{rate:.0f} img/s eta {format_eta(eta)}', flush=True)
+                  f'{rate:.0f} img/s data {data_ms:.1f} ms compute {compute_ms:.1f} ms{memory} '
+                  f'eta {format_eta(eta)}', flush=True)
         if update and stop is not None and i + 1 < steps and stop.requested():
             steps_done = i + 1
             break
     watch.check(epoch, steps, current_lr(optimizer))
     elapsed = time.time() - start
+    wall = time.perf_counter() - clock_start
     metrics = {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
                'partial_means': means.state_dict() if steps_done < steps else None,
                'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
                'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),
-               'alpha': means.mean('alpha'), 'samples': samples}
+               'alpha': means.mean('alpha'), 'samples': samples,
+               'data_wait_s': clock.data, 'compute_s': max(wall - clock.data, 0.0),
+               'peak_memory_gb': torch.cuda.max_memory_allocated(device) / 1e9 if on_cuda else None}
     return metrics, num_updates
 
 
