@@ -1,5 +1,5 @@
 """Datasets and loaders from timm's parts: the ImageFolder layout ``<data_dir>/{train,val}/<class>/*``, or a
-timm dataset name (``--dataset torch/cifar100``, ``hfds/<name>``) read under ``--data-dir``.
+timm dataset name (``--dataset torch/cifar100``, ``hfds/<name>``, ``wds/<name>``) read under ``--data-dir``.
 
 Both splits use one class index, train's (or ``--class-map``'s), so a class missing from val, an empty
 folder or a stray file can never shift the labels of the other split.
@@ -7,7 +7,13 @@ folder or a stray file can never shift the labels of the other split.
 Training order and augmentation are a pure function of (seed, rank, epoch, position in the epoch): each
 sample's augmentation is seeded on its own, so a resumed run, even one resumed in the middle of an
 epoch and with data-loading workers, sees exactly the images an uninterrupted run sees.
+
+WebDataset shards (``wds/``) are a stream, read by timm's ``ReaderWds``: shards are dealt to processes and
+their loader workers, an epoch has a known number of steps (``num_samples`` from ``_info.json``), a run
+stopped mid-epoch redoes that epoch from its first step, and evaluation deals whole shards to the ranks so
+that every image is counted exactly once.
 """
+import dataclasses
 import importlib.util
 import multiprocessing
 import multiprocessing.forkserver
@@ -105,22 +111,28 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
     return dataset
 
 
-# timm dataset prefixes read as streams: this trainer needs random access (resume mid-epoch at a
-# batch, evaluate every image exactly once under DDP), which these readers do not give
-_STREAMING = ('wds', 'tfds', 'hfids')
-_PACKAGES = {'hfds': 'datasets'}   # prefix -> the package timm's reader imports
+# timm dataset prefixes read as streams that this trainer does not take: resuming mid-epoch and exact DDP
+# evaluation need either random access or, as wds/ gives, whole shards dealt out by this code
+_STREAMING = ('tfds', 'hfids')
+_PACKAGES = {'hfds': 'datasets', 'wds': 'webdataset'}   # prefix -> the package timm's reader imports
+_WDS_INFO = ('_info.json', 'info.json')   # the files timm's ReaderWds reads the splits from
 
 
-def named_dataset(name: str, data_dir: str, split: str, is_training: bool, download: bool = False):
-    """A timm dataset by name (``torch/cifar100``, ``hfds/<name>``, ...) under ``data_dir``."""
+def named_dataset(name: str, data_dir: str, split: str, is_training: bool, download: bool = False,
+                  class_to_idx: Optional[Dict[str, int]] = None, num_classes: Optional[int] = None,
+                  batch_size: int = 1, seed: int = 42):
+    """A timm dataset by name (``torch/cifar100``, ``hfds/<name>``, ``wds/<name>``, ...) under ``data_dir``.
+    ``class_to_idx``, ``num_classes``, ``batch_size`` and ``seed`` matter to ``wds/`` only."""
     prefix = name.partition('/')[0].lower()
     if prefix in _STREAMING:
         raise ConfigError(f'--dataset {name}: streaming datasets ({", ".join(p + "/" for p in _STREAMING)}) are '
-                          f'not supported (resuming mid-epoch and exact DDP evaluation need random access); '
-                          f'use an ImageFolder, a torch/ dataset or hfds/')
+                          f'not supported (resuming mid-epoch and exact DDP evaluation need random access or '
+                          f'whole shards); use an ImageFolder, a torch/ dataset, hfds/ or wds/')
     package = _PACKAGES.get(prefix)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError(f"--dataset {name} needs the '{package}' package: pip install {package}")
+    if prefix == 'wds':
+        return webdataset(name, data_dir, split, is_training, class_to_idx, num_classes, batch_size, seed)
     if not download:   # Hugging Face readers would fetch what is not cached: nothing is downloaded unless asked
         os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
         os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -128,18 +140,111 @@ def named_dataset(name: str, data_dir: str, split: str, is_training: bool, downl
         dataset = create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
     except (AssertionError, RuntimeError, OSError, ValueError) as err:
         hint = '' if download or prefix != 'torch' else ' (--dataset-download fetches it into --data-dir)'
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {reason}{hint}') from err
+        raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {_first_line(err)}{hint}') from err
     if len(dataset) == 0:
         raise ConfigError(f'--dataset {name} ({split}) under {data_dir} holds no images')
     return dataset
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _is_shard_pattern(split: str) -> bool:
+    """timm's rule: a split naming tar files (``train-{0000..0009}.tar|N``) instead of an _info.json split."""
+    return 'tar' in split or '..' in split
+
+
+def webdataset(name: str, data_dir: str, split: str, is_training: bool,
+               class_to_idx: Optional[Dict[str, int]] = None, num_classes: Optional[int] = None,
+               batch_size: int = 1, seed: int = 42):
+    """WebDataset shards through timm's ``ReaderWds``: ``<data_dir>/_info.json`` lists each split's shards,
+    ``num_samples`` and ``shard_lengths`` (or ``split`` is a shard pattern, ``train-{0000..0009}.tar|N``).
+    Labels are the samples' ``.cls`` integers; ``class_to_idx`` is the one given (val: train's, validate:
+    the checkpoint's), else ``classes`` (names in label order) or ``num_classes`` from the _info file, else
+    ``num_classes`` (``--num-classes``). ``dataset.num_images`` is the split's declared size (None: unknown)."""
+    from timm.data.readers import reader_wds
+    if reader_wds.wds is None:   # installed, but timm's reader could not import what it needs from it
+        raise ConfigError(f'--dataset {name}: timm cannot use the installed webdataset package '
+                          f'(pip install -U webdataset)')
+    where = f'--dataset {name} ({split}) under {data_dir}'
+    local = '://' not in data_dir and not data_dir.startswith('pipe:')
+    if local and not os.path.isdir(data_dir):
+        raise ConfigError(f'{where}: {data_dir} is not a folder (--data-dir: the folder of the shards and _info.json)')
+    if local and not _is_shard_pattern(split) and not any(os.path.isfile(os.path.join(data_dir, f)) for f in _WDS_INFO):
+        raise ConfigError(f"{where}: no _info.json in {data_dir} to say which shards make split '{split}' (see "
+                          f"README, Your own data), or give the split as a shard pattern 'train-{{0000..0009}}.tar|N'")
+    try:
+        dataset = create_dataset(name, root=data_dir, split=split, is_training=is_training,
+                                 batch_size=batch_size, seed=seed)
+    except KeyError as err:   # timm reads a split's name, num_samples, filenames and shard_lengths unchecked
+        raise ConfigError(f"{where}: split '{split}' of the _info file has no {err} (timm's ReaderWds needs name, "
+                          f'num_samples, filenames and shard_lengths)') from err
+    except (AssertionError, RuntimeError, OSError, ValueError, TypeError) as err:
+        reason = _first_line(err)
+        if 'num_samples not specified' in reason:
+            reason = ('the number of training samples is unknown, so an epoch has no length: give num_samples in '
+                      f"the _info file's split, or end the shard pattern with |N")
+        elif 'not found in info' in reason:
+            reason += ': name another split (--train-split / --val-split, validate.py --split)'
+        raise ConfigError(f'{where}: {reason}') from err
+    reader = dataset.reader
+    shards = [os.path.join(data_dir, f) for f in reader.split_info.filenames]
+    if not shards:
+        raise ConfigError(f'{where}: the split lists no shards')
+    missing = [f for f in shards if local and not os.path.isfile(f)]
+    if missing:
+        raise ConfigError(f'{where}: {len(missing)} of its {len(shards)} shards are missing, e.g. {missing[0]}')
+    reader.class_to_idx = _wds_class_index(where, reader.info, class_to_idx, num_classes)
+    dataset.num_images = reader.num_samples or None
+    return dataset
+
+
+def _wds_class_index(where: str, info: dict, class_to_idx, num_classes) -> Dict[str, int]:
+    """The class index of a wds/ split (its labels are the samples' .cls integers; see webdataset())."""
+    names, count = info.get('classes'), info.get('num_classes')
+    declared = None
+    if names is not None:
+        if not isinstance(names, list) or (count is not None and count != len(names)):
+            raise ConfigError(f"{where}: the _info file's classes must be a list of names in label order"
+                              + (f' ({len(names)} names, num_classes {count})' if isinstance(names, list) else ''))
+        declared = {str(n): i for i, n in enumerate(names)}
+    elif count is not None:
+        declared = {str(i): i for i in range(int(count))}
+    if class_to_idx is not None:
+        if declared is not None and declared != dict(class_to_idx):
+            raise ConfigError(f'{where}: its classes differ from the ones the model was trained with '
+                              f'({len(declared)} vs {len(class_to_idx)}, or other names / order): its labels '
+                              f'would mean other classes')
+        return dict(class_to_idx)
+    if declared is not None:
+        return declared
+    if num_classes:
+        return {str(i): i for i in range(num_classes)}
+    raise ConfigError(f"{where}: the number of classes is unknown: put num_classes (or classes, the names in "
+                      f"label order) in the _info file, or give --num-classes")
+
+
 def build_dataset(args, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None):
     """``--dataset`` when given, else the ImageFolder under ``--data-dir`` (val with train's class index)."""
     if args.dataset:
-        return named_dataset(args.dataset, args.data_dir, split, is_training, args.dataset_download)
+        if args.dataset.lower().startswith('wds/') and getattr(args, 'class_map', ''):
+            raise ConfigError(f'--class-map names ImageFolder class folders; --dataset {args.dataset} is '
+                              f"labelled by the samples' .cls integers (class names: _info.json's classes)")
+        return named_dataset(args.dataset, args.data_dir, split, is_training, args.dataset_download,
+                             class_to_idx=class_to_idx, num_classes=getattr(args, 'num_classes', None),
+                             batch_size=getattr(args, 'batch_size', 1), seed=getattr(args, 'seed', 42))
     return image_folder(args.data_dir, split, is_training, class_to_idx, args.class_map)
+
+
+def is_stream(dataset) -> bool:
+    """Read in order as a stream (wds/): no random access, no skipping to a batch."""
+    return isinstance(dataset, torch.utils.data.IterableDataset)
+
+
+def dataset_size(dataset) -> Optional[int]:
+    """Number of images of a split; for a stream its declared size (None: not declared)."""
+    return getattr(dataset, 'num_images', None) if is_stream(dataset) else len(dataset)
 
 
 def class_index_of(dataset) -> Dict[str, int]:
@@ -282,12 +387,28 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
         print(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it',
               flush=True)
         aug_repeats = 0
+    if aug_repeats and is_stream(dataset):
+        print(f'aug_repeats={aug_repeats} needs random access to the images; --dataset {args.dataset} is a '
+              f'stream: training without it', flush=True)
+        aug_repeats = 0
     prefetch = dist_info.device.type == 'cuda'
     dataset.transform = _with_rgb(dataset, create_transform(
         data_config['input_size'], is_training=True, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch))
+    if is_stream(dataset):
+        loader = _stream_train_loader(dataset, args, dist_info, prefetch)
+    else:
+        loader = _indexed_train_loader(dataset, args, dist_info, prefetch, aug_repeats)
+    if prefetch:
+        loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
+                                device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
+                                re_count=args.recount)
+    return loader
+
+
+def _indexed_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool, aug_repeats: int):
     if aug_repeats:
         order = RepeatAugSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                  num_repeats=aug_repeats)
@@ -298,11 +419,39 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
         collate_fn=fast_collate if prefetch else None, **_worker_options(args.workers, args.pin_mem, dist_info.device))
-    if prefetch:
-        loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
-                                device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
-                                re_count=args.recount)
     return loader
+
+
+def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
+    """timm's ReaderWds deals the shards, reshuffled every epoch (``set_loader_epoch``), to the
+    world_size x workers readers; each reader yields the same whole number of batches (repeating or cutting
+    its shards: timm's ``with_epoch``), so every rank has ``len(loader)`` batches. A reader without a shard
+    would yield nothing: there must be a shard per rank, and workers beyond that are not started."""
+    reader = dataset.reader
+    shards, world = len(reader.split_info.filenames), dist_info.world_size
+    if shards < world:
+        raise ConfigError(f'--dataset {args.dataset} ({args.train_split}) has {shards} shard(s) for {world} '
+                          f'processes: each process reads whole shards, so write at least {world} of them')
+    workers = min(args.workers, shards // world)
+    if workers < args.workers and dist_info.is_primary:
+        print(f'note: {shards} training shard(s) over {world} process(es) feed {workers} loader workers '
+              f'per process, not {args.workers} (each worker reads whole shards)', flush=True)
+    reader.dist_rank, reader.dist_num_replicas = dist_info.rank, world   # as this run's DistInfo says
+    reader.batch_size = args.batch_size
+    _prepare_stream(dataset, workers)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, drop_last=True, collate_fn=fast_collate if prefetch else None,
+        **_worker_options(workers, args.pin_mem, dist_info.device))
+
+
+def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
+    """Prepare a training loader for ``epoch``, from batch ``start_batch`` (0 for a stream: see is_stream)."""
+    if is_stream(loader.dataset):
+        if start_batch:
+            raise ValueError('a stream cannot skip to a batch: redo the epoch from its start')
+        loader.dataset.set_epoch(epoch)
+    else:
+        loader.sampler.set_epoch(epoch, start_batch)
 
 
 def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False):
@@ -310,6 +459,49 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
     dataset.transform = _with_rgb(dataset, create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct']))
+    if is_stream(dataset):
+        workers = _deal_eval_shards(dataset, workers, dist_info)
+        if not dataset.reader.split_info.filenames:   # more ranks than shards: this one has nothing to read
+            return torch.utils.data.DataLoader(_NoImages(), batch_size=batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                           **_worker_options(workers, pin_mem, dist_info.device))
     sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        **_worker_options(workers, pin_mem, dist_info.device))
+
+
+def _deal_eval_shards(dataset, workers: int, dist_info: DistInfo) -> int:
+    """Exact evaluation of a wds/ split under DDP: rank r reads whole shards r, r + world_size, ... (and its
+    workers split those again), each once, without timm's ``with_epoch`` (which, under DDP, evens the ranks
+    out by repeating or dropping samples). Ranks may read different numbers of images (evaluate sums over
+    ranks, with no collective per batch); a rank without a shard reads nothing. Returns the loader
+    workers to start: no more than this rank's shards."""
+    reader = dataset.reader
+    full = getattr(dataset, 'full_split', None) or reader.split_info
+    dataset.full_split = full
+    rank, world = dist_info.rank, dist_info.world_size
+    own = dataclasses.replace(full, filenames=tuple(full.filenames[rank::world]),
+                              shard_lengths=tuple(full.shard_lengths[rank::world]))
+    reader.split_info = own
+    reader.num_samples = sum(own.shard_lengths) if own.shard_lengths else 0
+    reader.dist_rank, reader.dist_num_replicas = 0, 1   # this rank's shards, read once, no rounding
+    workers = min(workers, len(own.filenames))
+    if own.filenames:
+        _prepare_stream(dataset, workers)
+    return workers
+
+
+class _NoImages(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+def _prepare_stream(dataset, workers: int) -> None:
+    """timm's ReaderWds, set up for ``workers`` loader workers started from the forkserver: its epoch
+    counter (a multiprocessing Value that set_epoch writes and the workers read) is re-made in the
+    forkserver's context (one made in the default fork context cannot be sent to such workers), and its
+    pipeline is built on first use, from the settings made here."""
+    reader = dataset.reader
+    reader.epoch_count.shared_epoch = _FORKSERVER.Value('i', reader.epoch_count.value)
+    reader.ds = None
+    dataset.set_loader_cfg(num_workers=workers)

@@ -18,7 +18,8 @@ from timm.utils import ModelEmaV3
 
 from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
-from .data import build_dataset, class_index_of, eval_loader, num_classes_of, train_loader
+from .data import (build_dataset, class_index_of, dataset_size, eval_loader, is_stream, num_classes_of,
+                   set_loader_epoch, train_loader)
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import current_lr, evaluate, train_one_epoch, updates_per_epoch
 from .finetune import load_initial_weights
@@ -236,6 +237,11 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_s
     }
 
 
+def _count(dataset) -> str:
+    size = dataset_size(dataset)
+    return '?' if size is None else str(size)
+
+
 def run(args) -> dict:
     """Train as ``args`` says; returns the final evaluation metrics (``stopped_by``: the signal that
     stopped the run early, after it saved where it was)."""
@@ -283,7 +289,7 @@ def run(args) -> dict:
         loader = train_loader(train_set, data_config, args, dist_info)
         if len(loader) == 0:
             split = f'{args.dataset} ({args.train_split})' if args.dataset else Path(args.data_dir) / args.train_split
-            raise ConfigError(f'{split} has {len(train_set)} images, fewer than '
+            raise ConfigError(f'{split} has {dataset_size(train_set)} images, fewer than '
                               f'one batch of {args.batch_size} per process: lower --batch-size')
         val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
                                  args.workers, dist_info, args.pin_mem)
@@ -307,6 +313,12 @@ def run(args) -> dict:
             if primary:   # the saved position is in another partition of the data: redo that epoch whole
                 print(f'note: the run stopped mid-epoch with another number of processes; epoch {start_epoch} '
                       f'restarts from its first step', flush=True)
+            start_step = 0
+        if start_step and is_stream(train_set):
+            if primary:   # timm's wds reader has no position to return to: the epoch is read again, whole
+                print(f'note: --dataset {args.dataset} is a stream, which cannot skip to the step the run stopped '
+                      f'at ({start_step}); epoch {start_epoch} restarts from its first step, from the weights '
+                      f'saved then', flush=True)
             start_step = 0
         num_updates = start_epoch * per_epoch + start_step // args.grad_accum_steps
         if state and state['args'].get('epochs') != args.epochs:   # a schedule built anew: move it to where
@@ -341,8 +353,8 @@ def run(args) -> dict:
             keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []))
             for note in keeper.tidy(prune=args.resume == 'auto'):
                 print(f'note: {note}', flush=True)
-            print(f'{args.model} / {args.mix_method}: {num_classes} classes, {len(train_set)} train and '
-                  f'{len(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
+            print(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
+                  f'{_count(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
                   f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
         resumed_rank = own_rank_state(state.get('rng_states'), dist_info) or {}
         if resumed_rank:
@@ -361,7 +373,7 @@ def run(args) -> dict:
         run_start = time.time()
         for epoch in range(start_epoch, num_epochs):
             first_step = start_step if epoch == start_epoch else 0
-            loader.sampler.set_epoch(epoch, first_step)
+            set_loader_epoch(loader, epoch, first_step)
             if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
                 mixer.mixup_enabled = False
             grid_epoch = primary and args.image_grid_interval and epoch % args.image_grid_interval == 0

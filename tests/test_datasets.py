@@ -101,7 +101,8 @@ def test_missing_data_is_one_line_and_nothing_is_downloaded(tmp_path):
 
 
 @pytest.mark.parametrize('name,message', [
-    ('wds/imagenet', 'streaming datasets .* are not supported'),
+    ('tfds/imagenet2012', r'streaming datasets \(tfds/, hfids/\) are not supported'),
+    ('hfids/cifar100', 'streaming datasets .* are not supported'),
     ('hfds/cifar100', "needs the 'datasets' package: pip install datasets"),
     ('torch/nonsense', 'Unknown torchvision dataset nonsense'),
 ])
