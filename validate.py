@@ -36,7 +36,8 @@ def parse_args(argv=None):
     data.add_argument('--dataset', default=None,
                       help="timm dataset name, e.g. torch/cifar100 (default: the checkpoint's; '' = ImageFolder)")
     data.add_argument('--dataset-download', action='store_true', help='let torch/ datasets download into --data-dir')
-    data.add_argument('--split', default='val', help="folder under --data-dir ('' = --data-dir itself)")
+    data.add_argument('--split', default=None,
+                      help="folder / split under --data-dir (default: the run's val split, else val; '' = --data-dir itself)")
     data.add_argument('--class-map', default=None,
                       help="names of the model's outputs, timm format (default: the checkpoint's, or ImageNet-1k's)")
     data.add_argument('--class-subset', default=None, metavar='imagenet-a|imagenet-r|FILE',

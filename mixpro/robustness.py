@@ -97,6 +97,8 @@ class OccludedBatches:
         if self.ratio == 0:
             yield from self.loader
             return
+        if isinstance(getattr(self.loader, 'dataset', None), torch.utils.data.IterableDataset):
+            raise ConfigError('--occlusion seeds patches by dataset index: it needs indexed data, not a stream (wds/)')
         indices = list(self.loader.sampler)
         start = 0
         for x, y in self.loader:

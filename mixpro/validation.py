@@ -187,6 +187,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
     if not data_dir:
         raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
+    split_name = args.split if args.split is not None else (
+        getattr(run_args, 'val_split', 'val') if loaded.from_run else 'val')   # the run's own val split
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
                           class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
     model, class_to_idx = loaded.model, loaded.class_to_idx
@@ -195,25 +197,25 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
             raise ConfigError(f'--class-subset works on ImageFolder data, not --dataset {dataset_name}')
         subset = read_class_subset(args.class_subset)
         outputs = subset_outputs(subset, class_to_idx, args.class_subset)
-        _check_subset_folders(Path(data_dir) / args.split, subset, args.class_subset)
+        _check_subset_folders(Path(data_dir) / split_name, subset, args.class_subset)
         model = SubsetLogits(model, outputs)
         class_to_idx = {name: i for i, name in enumerate(subset)}   # labels: positions in the subset
         data_args.class_map = ''
     elif not dataset_name:
-        class_to_idx = _numbered_classes(Path(data_dir) / args.split, class_to_idx, dist_info.is_primary)
-    dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
+        class_to_idx = _numbered_classes(Path(data_dir) / split_name, class_to_idx, dist_info.is_primary)
+    dataset = build_dataset(data_args, split_name, is_training=False, class_to_idx=class_to_idx)
     classes = num_classes_of(dataset)
     expected = getattr(run_args, 'num_classes', None) if loaded.from_run else None
     if not args.class_subset and expected and (dataset_name or not class_to_idx) and classes != expected:
         # the run's own class index labels an ImageFolder (a split missing some classes is fine);
         # other datasets, and checkpoints of older versions, must have the run's class count
         raise ValueError(f'checkpoint {loaded.source} was trained for {expected} classes '
-                         f'but {dataset_name or Path(data_dir) / args.split} has {classes} classes')
+                         f'but {dataset_name or Path(data_dir) / split_name} has {classes} classes')
     if args.crop_pct is not None:
         run_args.crop_pct = args.crop_pct
     data_config = resolve_data_config(vars(run_args), model=loaded.model)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
-    split = f'{dataset_name}:{args.split}' if dataset_name else str(Path(data_dir) / args.split)
+    split = f'{dataset_name}:{split_name}' if dataset_name else str(Path(data_dir) / split_name)
     return loader, model, data_config, split
 
 

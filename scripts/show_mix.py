@@ -41,7 +41,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', required=True, help='a train.py checkpoint')
     parser.add_argument('--data-dir', default=None, help="ImageFolder root (default: the run's)")
-    parser.add_argument('--split', default='val')
+    parser.add_argument('--split', default=None, help="default: the run's val split")
     parser.add_argument('--output', required=True, help='the picture (.png)')
     parser.add_argument('--pairs', type=int, default=4, help='rows: pairs of validation images')
     parser.add_argument('--seed', type=int, default=0, help='seeds the masks and boxes')
@@ -58,6 +58,7 @@ def validation_pairs(train_args, class_to_idx, model, args):
     (an ImageFolder lists its classes in order, so spread images are mostly of different classes)."""
     data_args = Namespace(data_dir=args.data_dir or train_args.data_dir, dataset=getattr(train_args, 'dataset', ''),
                           dataset_download=False, class_map=getattr(train_args, 'class_map', ''))
+    args.split = args.split or getattr(train_args, 'val_split', 'val')
     dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
     if len(dataset) < 2 * args.pairs:
         raise ConfigError(f'{args.split} holds {len(dataset)} images: too few for --pairs {args.pairs}')
