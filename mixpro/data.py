@@ -454,20 +454,29 @@ def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
         loader.sampler.set_epoch(epoch, start_batch)
 
 
-def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False):
-    """Deterministic eval loader; under DDP each rank reads a disjoint shard (see ShardSampler)."""
+def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False,
+                prefetch: Optional[bool] = None):
+    """Deterministic eval loader; under DDP each rank reads a disjoint shard (see ShardSampler). With
+    ``prefetch`` (default: on CUDA) workers hand over uint8 images and timm's prefetcher normalises them on
+    the device while the previous batch is evaluated, as in training."""
+    prefetch = dist_info.device.type == 'cuda' if prefetch is None else prefetch
     dataset.transform = _with_rgb(dataset, create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct']))
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+        use_prefetcher=prefetch))
+    sampler = None
     if is_stream(dataset):
         workers = _deal_eval_shards(dataset, workers, dist_info)
         if not dataset.reader.split_info.filenames:   # more ranks than shards: this one has nothing to read
             return torch.utils.data.DataLoader(_NoImages(), batch_size=batch_size)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                           **_worker_options(workers, pin_mem, dist_info.device))
-    sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                       **_worker_options(workers, pin_mem, dist_info.device))
+    else:
+        sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         collate_fn=fast_collate if prefetch else None,
+                                         **_worker_options(workers, pin_mem, dist_info.device))
+    if prefetch:
+        loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'], device=dist_info.device)
+    return loader
 
 
 def _deal_eval_shards(dataset, workers: int, dist_info: DistInfo) -> int:

@@ -135,11 +135,12 @@ def compose(rows: List[List[Optional[Image.Image]]], captions: List[List[str]], 
     return sheet
 
 
-def _name(index: int, class_names: Optional[List[str]]) -> str:
-    return class_names[index] if class_names and 0 <= index < len(class_names) else str(index)
+def _name(index: int, class_names: Optional[Dict[int, str]]) -> str:
+    return (class_names or {}).get(index, str(index))
 
 
-def snapshot_sheet(snapshot: dict, mean, std, class_names: Optional[List[str]] = None, size: int = 112) -> Image.Image:
+def snapshot_sheet(snapshot: dict, mean, std, class_names: Optional[Dict[int, str]] = None,
+                   size: int = 112) -> Image.Image:
     """The TensorBoard picture of a logged batch: each mixed image, its class attention where the step
     had one, and a caption with both labels and λ_area / λ_attn / α."""
     images = to_unit(snapshot['images'], mean, std)

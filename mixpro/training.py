@@ -339,12 +339,12 @@ def run(args) -> dict:
             if state.get('state_dict_ema'):
                 ema.module.load_state_dict(state['state_dict_ema'])
 
-        train_model = model
+        train_model = eval_model = model
+        if args.torchcompile:   # before the DDP wrap, as timm does; the compiled module also evaluates
+            train_model = eval_model = torch.compile(model, backend=args.torchcompile)
         if dist_info.distributed:
             train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None)
-        if args.torchcompile:
-            train_model = torch.compile(train_model, backend=args.torchcompile)
+                train_model, device_ids=[device.index] if device.type == 'cuda' else None)
 
         keeper = None
         if primary:
@@ -393,7 +393,7 @@ def run(args) -> dict:
                           f'continues from there', flush=True)
                 barrier()
                 return {'epoch': epoch, 'stopped_by': stop.signum}
-            evals = {'eval': evaluate(model, val_loader, device, amp)}
+            evals = {'eval': evaluate(eval_model, val_loader, device, amp)}
             if ema is not None:
                 evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
@@ -403,7 +403,8 @@ def run(args) -> dict:
             if primary:
                 logger.log_epoch(epoch, train_metrics, logged, lr_now)
                 if train_metrics['samples'] is not None:
-                    logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'])
+                    logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'],
+                                      class_names={i: name for name, i in class_to_idx.items()})
                 keeper.save(saved, epoch, evals['eval']['top1'])
                 ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)

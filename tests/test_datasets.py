@@ -123,3 +123,29 @@ def test_cifar100_recipes_train_an_epoch(tmp_path, no_md5, method):
     assert result['eval']['count'] == 50
     args = parse_train_args(['--config', str(config)])
     assert args.img_size % 4 == 0 and args.mask_cell % 4 == 0 and args.img_size // args.mask_cell >= 2
+
+
+def test_eval_prefetcher_gives_the_host_pipelines_numbers(data_dir):
+    """On CUDA the eval loader hands uint8 images to timm's prefetcher, which normalises on the device;
+    forced on here (CPU), it must give the metrics of the host-normalised pipeline."""
+    import timm
+    from argparse import Namespace
+    from timm.data import resolve_data_config
+    from mixpro.data import build_dataset, eval_loader
+    from mixpro.distributed import DistInfo
+    from mixpro.engine import evaluate
+    from mixpro.robustness import OccludedBatches
+    model = timm.create_model('deit_tiny_patch16_224', patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                              img_size=16, num_classes=3).eval()
+    config = resolve_data_config({'img_size': 16, 'crop_pct': 1.0}, model=model)
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device('cpu'))
+    args = Namespace(data_dir=str(data_dir), dataset='', dataset_download=False, class_map='')
+    results = {}
+    for prefetch in (False, True):
+        loader = eval_loader(build_dataset(args, 'val', False), config, 5, 0, dist, prefetch=prefetch)
+        results[prefetch] = [evaluate(model, OccludedBatches(loader, ratio, config['mean'], config['std'], patch=4),
+                                      dist.device) for ratio in (0.0, 0.5)]
+    assert results[True][0]['count'] == results[False][0]['count'] == 18
+    for host, device in zip(results[False], results[True]):
+        assert device['top1'] == host['top1'] and device['loss'] == pytest.approx(host['loss'], abs=1e-5)
+    assert results[True][1]['loss'] != pytest.approx(results[True][0]['loss'], abs=1e-5)   # occlusion applied
