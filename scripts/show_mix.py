@@ -81,9 +81,12 @@ def keep_masks(method: str, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, t
         mixer = Mixer('maskmix', **options)
     else:   # TransMix's mixer with the switch at CutMix: a CutMix box on every batch
         mixer = Mixer('transmix', switch_prob=1.0, **options)
-    mixer(torch.cat([a, b]).clone(), torch.cat([y, y]))
-    keep = mixer.last.keep
-    return keep.expand(2 * a.shape[0], *keep.shape[1:])[:a.shape[0]]
+    pairs = a.shape[0]
+    batch = torch.cat([a, b] * 4)   # masks for 8 × pairs images: enough that `pairs` of them mix
+    mixer(batch.clone(), torch.cat([y] * 8))
+    keep = mixer.last.keep.expand(batch.shape[0], *mixer.last.keep.shape[1:])
+    mixing = keep.flatten(1).any(1) & ~keep.flatten(1).all(1)   # not a sample the permutation paired with itself
+    return keep[mixing][:pairs] if int(mixing.sum()) >= pairs else keep[:pairs]
 
 
 def main(argv=None):
