@@ -1,32 +1,73 @@
 #!/usr/bin/env python
-"""Speed of the mixing core on whatever device is present; prints a table and writes JSON.
+"""Speed of the mixing core, the train step and the input pipeline on whatever device is present;
+prints tables and writes JSON.
 
-    python scripts/benchmark.py [--device cuda] [--batch-size 128] [--model-batch-size 64] [--json out.json]
+    python scripts/benchmark.py [--device cuda] [--amp] [--compile] [--json out.json]
+    python scripts/benchmark.py --sections pipeline --recipe configs/deit_s_mixpro.yaml --data-dir /data/imagenet
 
-(a) mixer time per batch for every method against timm ``Mixup`` (CutMix and Mixup modes);
+(a) mixer time per batch for every method against timm ``Mixup`` (CutMix and Mixup modes) and the
+    memory floor, and the tensor operations (kernels) one call launches;
 (b) model forward time with and without the attention probe;
-(c) an "official-style" forward with fused attention switched off in every block, against ours.
-All ratios come from one run on one device. Goals (figures, not tests): MaskMix <= 1.0x timm
-CutMix; probe overhead <= 0.5 % of the forward.
+(c) an "official-style" forward with fused attention switched off in every block, against ours;
+(d) the full train step (mix, forward, relabel, loss, backward, AdamW step) per method (plain,
+    mixup_cutmix, transmix, maskmix, mixpro), fused vs official-style unfused attention, eager vs
+    ``torch.compile`` (--compile): ms/step, img/s, peak memory, ratios;
+(e) with --recipe and --data-dir: the recipe's train loader alone (img/s per worker count) against the
+    recipe's train step alone, and the verdict input-bound / compute-bound.
+All ratios come from one run on one device, candidates interleaved. Goals (figures, not tests):
+MaskMix <= 1.0x timm CutMix; probe overhead <= 0.5 % of the forward.
 """
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
+from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import Mixup
 from timm.layers import Attention
+from timm.loss import SoftTargetCrossEntropy
 from timm.models.cait import ClassAttn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixpro import AttentionProbe, Mixer  # noqa: E402
 from mixpro.probe import cls_attention, key_projection  # noqa: E402
 
 MODELS = ('deit_small_patch16_224', 'cait_xxs36_224', 'xcit_small_12_p16_224')
+STEP_METHODS = ('plain', 'mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
+NEEDS_ATTENTION = ('transmix', 'mixpro')
+# aten operations that only make a view: no kernel runs for them
+VIEW_OPS = {'view', '_unsafe_view', 'unsqueeze', 'squeeze', 'expand', 'slice', 'select', 'transpose', 't',
+            'permute', 'detach', 'alias', 'as_strided', '_reshape_alias', 'split_with_sizes', 'split',
+            'empty', 'empty_like', 'empty_strided'}
+
+
+class _KernelCount(TorchDispatchMode):
+    """Counts the aten operations a call runs that do work on the device (views and allocations left out):
+    on a GPU every one is at least one kernel launch, which is what a small batch's time is made of."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split('.')[0]
+        if name not in VIEW_OPS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_count(fn) -> int:
+    with _KernelCount() as counter:
+        fn()
+    return sum(counter.ops.values())
 
 
 def sync(device):
@@ -66,6 +107,10 @@ def bench_mixers(args, device):
         'ours mixpro (+relabel)': Mixer('mixpro', **ours_kw),
         'ours maskmix+PAL (+relabel)': Mixer('mixpro', maskmix_prob=1.0, **ours_kw),
     }
+    if device.type == 'cpu':   # the accelerators' composition (one gather), timed on the CPU too
+        one_gather = Mixer('maskmix', **ours_kw)
+        one_gather.cpu_in_place = False
+        candidates['ours maskmix (one gather)'] = one_gather
     steps = {}
     for name, mixer in candidates.items():
         def step(mixer=mixer):
@@ -73,16 +118,31 @@ def bench_mixers(args, device):
             if isinstance(mixer, Mixer):
                 mixer.relabel(logits, attention if mixer.needs_attention else None)
         steps[name] = step
+    other, out = torch.randn_like(x), torch.empty_like(x)
+    steps['memory floor (read 2 images, write 1)'] = lambda: torch.add(x, other, out=out)
     # interleave the candidates so drift in machine load hits all of them alike
     per_round = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             per_round[name].append(median_ms(step, device, args.repeats))
     rows = {name: statistics.median(times) for name, times in per_round.items()}
-    rows['ratio maskmix / timm cutmix'] = rows['ours maskmix'] / rows['timm Mixup (cutmix mode)']
-    rows['ratio cutmix / timm cutmix'] = rows['ours cutmix'] / rows['timm Mixup (cutmix mode)']
+    timm_cutmix = rows['timm Mixup (cutmix mode)']
+    rows['ratio maskmix / timm cutmix'] = rows['ours maskmix'] / timm_cutmix
+    if 'ours maskmix (one gather)' in rows:
+        rows['ratio maskmix (one gather) / timm cutmix'] = rows['ours maskmix (one gather)'] / timm_cutmix
+    rows['ratio maskmix+PAL+relabel / timm cutmix'] = rows['ours maskmix+PAL (+relabel)'] / timm_cutmix
+    rows['ratio cutmix / timm cutmix'] = rows['ours cutmix'] / timm_cutmix
     rows['ratio mixup / timm mixup'] = rows['ours mixup'] / rows['timm Mixup (mixup mode)']
-    return rows
+    rows['ratio memory floor / timm cutmix'] = rows['memory floor (read 2 images, write 1)'] / timm_cutmix
+    # kernels per call of the accelerator path (the CPU path copies cell by cell and launches more)
+    maskmix, pal = Mixer('maskmix', **ours_kw), Mixer('mixpro', maskmix_prob=1.0, **ours_kw)
+    maskmix.cpu_in_place = pal.cpu_in_place = False
+    timm_cutmix_mixer = candidates['timm Mixup (cutmix mode)']
+    maskmix(x, y), pal(x, y)   # the first call builds the cached constants
+    ops = {'timm Mixup (cutmix mode)': kernel_count(lambda: timm_cutmix_mixer(x, y)),
+           'ours maskmix': kernel_count(lambda: maskmix(x, y)),
+           'ours maskmix+PAL (+relabel)': kernel_count(lambda: (pal(x, y), pal.relabel(logits, attention)))}
+    return rows, ops
 
 
 def set_fused_attention(model, fused):
@@ -122,53 +182,305 @@ def bench_models(args, device):
         with torch.no_grad(), amp:
             model(x)
         handle.remove()
-        probe_only = median_ms(lambda: cls_attention(probe.layer, captured['x'], captured['out'],
-                                                     probe.num_prefix_tokens), device, 50)
+        def probe_alone():
+            return cls_attention(probe.layer, captured['x'], captured['out'], probe.num_prefix_tokens)
+        probe_only = median_ms(probe_alone, device, 50)
         rows[name] = {
             'forward ms': plain, 'forward + probe ms': probed,
             'probe overhead % (end to end)': 100 * (probed - plain) / plain,
             'probe alone ms': probe_only, 'probe overhead % (probe alone / forward)': 100 * probe_only / plain,
             'official-style (unfused) ms': unfused, 'unfused / ours (fused + probe)': unfused / probed,
+            'probe kernels': kernel_count(probe_alone),
         }
         del model, probe
     return rows
 
 
+def parse_kwargs(items):
+    """``key=value`` strings -> dict, values read as Python literals where they are one."""
+    import ast
+    out = {}
+    for item in items or []:
+        key, value = item.split('=', 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+class TrainStep:
+    """One training step as mixpro/engine.py runs it (mix -> forward -> relabel -> loss -> backward ->
+    AdamW step), on a fixed batch; ``plain`` is the unmixed step with a label-smoothed cross-entropy."""
+
+    def __init__(self, model, probe, method, num_classes, x, y, amp, mask_cell, token_size, seed=0):
+        self.model, self.probe, self.method, self.x, self.y, self.amp = model, probe, method, x, y, amp
+        self.mixer = None if method == 'plain' else Mixer(method, num_classes=num_classes, mask_cell=mask_cell,
+                                                          token_size=token_size, seed=seed)
+        self.loss_fn = SoftTargetCrossEntropy()
+
+    def __call__(self, optimizer):
+        x, y, mixer, probe = self.x, self.y, self.mixer, self.probe
+        if mixer is not None:
+            x, target = mixer(x, y)
+        if probe is not None:
+            probe.enabled = mixer is not None and mixer.needs_attention
+        with self.amp:
+            logits = self.model(x)
+            if mixer is None:
+                loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            else:
+                target = mixer.relabel(logits, probe.attention if probe is not None and probe.enabled else None)
+                loss = self.loss_fn(logits, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if probe is not None:
+            probe.enabled, probe.attention = False, None
+
+
+def build_step_models(args, device, attention_modes):
+    """One model per attention mode (fused, unfused), each with the probe attached before compiling."""
+    kwargs = dict(parse_kwargs(args.step_model_kwargs), num_classes=args.step_classes, img_size=args.step_img_size)
+    built = {}
+    for mode in attention_modes:
+        torch.manual_seed(0)
+        model = timm.create_model(args.step_model, **kwargs).to(device).train()
+        probe = AttentionProbe(model)
+        set_fused_attention(model, mode == 'fused')
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        built[mode] = (model, probe, optimizer)
+    return built
+
+
+def time_steps(step, optimizer, device, steps):
+    """ms per step over ``steps`` steps (the mean: MixPro and TransMix alternate kinds of steps)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(optimizer)
+    sync(device)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def bench_train_step(args, device):
+    """(d): per method x attention (fused / official-style unfused) x mode (eager / compiled)."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    batch, size = args.step_batch_size, args.step_img_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, args.step_classes, (batch,), generator=gen).to(device)
+    attention_modes = ('fused', 'unfused')
+    modes = ('eager', 'compiled') if args.compile else ('eager',)
+    models = build_step_models(args, device, attention_modes)
+    configs = {}
+    for attention in attention_modes:
+        model, probe, optimizer = models[attention]
+        runners = {'eager': model}
+        if args.compile:
+            runners['compiled'] = torch.compile(model, backend=args.compile_backend)
+        for mode in modes:
+            for method in args.step_methods:
+                step = TrainStep(runners[mode], probe, method, args.step_classes, x, y, amp, args.step_mask_cell,
+                                 probe.token_size)
+                configs[(method, attention, mode)] = (step, optimizer)
+    for (method, attention, mode), (step, optimizer) in configs.items():   # warm up (compiles every graph)
+        for _ in range(args.step_warmup):
+            step(optimizer)
+    per_round = {key: [] for key in configs}
+    peak = {}
+    for _ in range(args.rounds):   # interleaved, so drift in machine load hits every configuration alike
+        for key, (step, optimizer) in configs.items():
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            per_round[key].append(time_steps(step, optimizer, device, args.step_steps))
+            if device.type == 'cuda':
+                peak[key] = max(peak.get(key, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+    rows = {}
+    for key, times in per_round.items():
+        ms = statistics.median(times)
+        rows[' | '.join(key)] = {'ms/step': ms, 'img/s': batch * 1e3 / ms, 'peak memory GB': peak.get(key)}
+    ratios = {}
+    for attention in attention_modes:
+        for mode in modes:
+            def ms(method):
+                return rows[f'{method} | {attention} | {mode}']['ms/step']
+            for method in args.step_methods:
+                if method != 'plain' and 'plain' in args.step_methods:
+                    ratios[f'{method} / plain ({attention}, {mode})'] = ms(method) / ms('plain')
+            if {'mixpro', 'mixup_cutmix'} <= set(args.step_methods):
+                ratios[f'mixpro / mixup_cutmix ({attention}, {mode})'] = ms('mixpro') / ms('mixup_cutmix')
+    for method in args.step_methods:
+        for mode in modes:
+            ratios[f'unfused / fused, {method} ({mode})'] = (rows[f'{method} | unfused | {mode}']['ms/step']
+                                                            / rows[f'{method} | fused | {mode}']['ms/step'])
+        if args.compile:
+            for attention in attention_modes:
+                ratios[f'eager / compiled, {method} ({attention})'] = (rows[f'{method} | {attention} | eager']['ms/step']
+                                                                      / rows[f'{method} | {attention} | compiled']['ms/step'])
+    return {'config': {'model': args.step_model, 'model_kwargs': parse_kwargs(args.step_model_kwargs), 'batch': batch,
+                       'img_size': size, 'amp': bool(args.amp), 'steps_per_round': args.step_steps,
+                       'rounds': args.rounds, 'compile_backend': args.compile_backend if args.compile else None},
+            'rows': rows, 'ratios': ratios}
+
+
+def bench_input_pipeline(args, device):
+    """(e): the recipe's train loader alone, per worker count, against the recipe's train step alone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from timm.data import resolve_data_config
+    from mixpro.config import parse_train_args
+    from mixpro.data import build_dataset, class_index_of, num_classes_of, train_loader
+    from mixpro.distributed import DistInfo
+    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, build_model, label_token_size
+
+    argv = ['--config', args.recipe, '--data-dir', args.data_dir, '--device', device.type, '--output', '/tmp',
+            *shlex.split(args.recipe_args or '')]
+    recipe = parse_train_args(argv)
+    dist_info = DistInfo(device=device)
+    train_set = build_dataset(recipe, recipe.train_split, is_training=True)
+    class_index_of(train_set)
+    num_classes = recipe.num_classes or num_classes_of(train_set)
+    model = build_model(recipe, num_classes)
+    data_config = resolve_data_config(vars(recipe), model=model)
+    loader_rates, recipe_workers = {}, recipe.workers
+    for workers in args.workers_list if args.workers_list is not None else [recipe_workers]:
+        recipe.workers = workers
+        loader = train_loader(train_set, data_config, recipe, dist_info)
+        loader.sampler.set_epoch(0)
+        wanted = min(args.pipeline_batches, len(loader) - 1)
+        if wanted < 1:
+            raise SystemExit(f'--recipe: {len(train_set)} images give {len(loader)} batches of '
+                             f'{recipe.batch_size}; the loader timing needs at least two')
+        iterator = iter(loader)
+        next(iterator)   # workers started, first batches in flight: steady state from here
+        sync(device)
+        start, images = time.perf_counter(), 0
+        for _ in range(wanted):
+            batch_x, _ = next(iterator)
+            images += batch_x.shape[0]
+        sync(device)
+        loader_rates[str(workers)] = images / (time.perf_counter() - start)
+        del iterator, loader
+    # the step alone, on a fixed batch of the recipe's shape, method and precision
+    model.to(device).train()
+    probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
+    size = data_config['input_size'][-1]
+    x = torch.randn(recipe.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16 if recipe.amp_dtype == 'bfloat16' else torch.float16) \
+        if recipe.amp else nullcontext()
+    runner = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    step = TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
+                     probe.token_size if probe else label_token_size(model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(args.step_warmup):
+        step(optimizer)
+    ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
+    step_rate = recipe.batch_size * 1e3 / ms
+    # the verdict for the recipe's own worker count where it was timed, else for the best one timed
+    best_workers, best_rate = max(loader_rates.items(), key=lambda kv: kv[1])
+    loader_rate = loader_rates.get(str(recipe_workers), best_rate)
+    return {'recipe': args.recipe, 'batch_size': recipe.batch_size, 'img_size': size, 'method': recipe.mix_method,
+            'recipe workers': recipe_workers, 'loader img/s by workers': loader_rates,
+            'best loader img/s': best_rate, 'best workers': int(best_workers),
+            'step img/s' + (' (compiled)' if args.compile else ''): step_rate, 'step ms': ms,
+            'loader / step': loader_rate / step_rate,
+            'verdict': 'input-bound' if loader_rate < step_rate else 'compute-bound'}
+
+
+def print_table(title, rows, value_format='{:.3f}'):
+    print(f'\n{title}')
+    print('| | value |\n|---|---|')
+    for name, value in rows.items():
+        print(f'| {name} | ' + (value_format.format(value) if isinstance(value, float) else str(value)) + ' |')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--sections', nargs='+', default=None, choices=('mixers', 'models', 'step', 'pipeline'),
+                        help='default: mixers models step, and pipeline when --recipe is given')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (a shared CPU: 1 is steadier)')
     parser.add_argument('--batch-size', type=int, default=128, help='mixer batch size')
     parser.add_argument('--model-batch-size', type=int, default=None, help='forward batch (default 128 on GPU, 16 on CPU)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds of every candidate')
-    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for the model forwards')
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for the model forwards and steps')
     parser.add_argument('--models', nargs='+', default=list(MODELS))
-    parser.add_argument('--skip-models', action='store_true')
+    parser.add_argument('--skip-models', action='store_true', help='same as leaving models out of --sections')
+    g = parser.add_argument_group('(d) train step')
+    g.add_argument('--step-model', default='deit_small_patch16_224')
+    g.add_argument('--step-model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='e.g. depth=2 embed_dim=96 num_heads=3 for a quick CPU run')
+    g.add_argument('--step-batch-size', type=int, default=None, help='default 256 on GPU, 16 on CPU')
+    g.add_argument('--step-img-size', type=int, default=224)
+    g.add_argument('--step-mask-cell', type=int, default=64)
+    g.add_argument('--step-classes', type=int, default=1000)
+    g.add_argument('--step-methods', nargs='+', default=list(STEP_METHODS), choices=STEP_METHODS)
+    g.add_argument('--step-steps', type=int, default=None, help='steps per timed block (default 20 on GPU, 4 on CPU)')
+    g.add_argument('--step-warmup', type=int, default=4, help='untimed steps per configuration (compiles)')
+    g.add_argument('--compile', action='store_true', help='also time the steps under torch.compile')
+    g.add_argument('--compile-backend', default='inductor')
+    g = parser.add_argument_group('(e) input pipeline')
+    g.add_argument('--recipe', help='a training recipe (configs/*.yaml)')
+    g.add_argument('--data-dir', help="the recipe's data folder")
+    g.add_argument('--recipe-args', default='', help='more train.py options for the recipe, one string')
+    g.add_argument('--workers-list', type=int, nargs='+', default=None,
+                   help="loader worker counts to time (default: the recipe's)")
+    g.add_argument('--pipeline-batches', type=int, default=20, help='batches timed per worker count')
     parser.add_argument('--json', default='benchmark.json')
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.model_batch_size is None:
         args.model_batch_size = 128 if device.type == 'cuda' else 16
+    if args.step_batch_size is None:
+        args.step_batch_size = 256 if device.type == 'cuda' else 16
+    if args.step_steps is None:
+        args.step_steps = 20 if device.type == 'cuda' else 4
+    sections = args.sections or ['mixers', 'models', 'step'] + (['pipeline'] if args.recipe else [])
+    if args.skip_models and 'models' in sections:
+        sections.remove('models')
+    if 'pipeline' in sections and not (args.recipe and args.data_dir):
+        parser.error('the pipeline section needs --recipe and --data-dir')
     torch.backends.cudnn.benchmark = True
 
     env = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu x{torch.get_num_threads()}',
            'torch': torch.__version__, 'timm': timm.__version__, **vars(args)}
-    results = {'env': env, 'mixers_ms': bench_mixers(args, device)}
-    print(f"\n(a) mixer time per batch, B={args.batch_size}, {args.img_size}px, {env['device']}")
-    print('| mixer | ms / batch |\n|---|---|')
-    for name, value in results['mixers_ms'].items():
-        print(f'| {name} | {value:.3f} |')
-    if not args.skip_models:
+    results = {'env': env}
+    if 'mixers' in sections:
+        results['mixers_ms'], results['mixer_kernels'] = bench_mixers(args, device)
+        print_table(f"(a) mixer ms per batch, B={args.batch_size}, {args.img_size}px, {env['device']}", results['mixers_ms'])
+        print_table('(a) tensor operations (kernels) per call, accelerator path', results['mixer_kernels'], '{}')
+    if 'models' in sections:
         results['models'] = bench_models(args, device)
         print(f"\n(b, c) forward, B={args.model_batch_size}, train mode{', bf16' if args.amp else ''}")
         cols = ['forward ms', 'forward + probe ms', 'probe overhead % (end to end)', 'probe alone ms',
                 'probe overhead % (probe alone / forward)', 'official-style (unfused) ms',
-                'unfused / ours (fused + probe)']
+                'unfused / ours (fused + probe)', 'probe kernels']
         print('| model | ' + ' | '.join(cols) + ' |')
         print('|---' * (len(cols) + 1) + '|')
         for name, row in results['models'].items():
             print(f'| {name} | ' + ' | '.join(f'{row[c]:.2f}' for c in cols) + ' |')
+    if 'step' in sections:
+        results['train_step'] = bench_train_step(args, device)
+        cfg = results['train_step']['config']
+        print(f"\n(d) train step, {cfg['model']} {cfg['model_kwargs'] or ''} B={cfg['batch']}, {cfg['img_size']}px"
+              f"{', bf16' if cfg['amp'] else ''}, {env['device']}")
+        print('| method | attention | mode | ms/step | img/s | peak memory GB |\n|---|---|---|---|---|---|')
+        for name, row in results['train_step']['rows'].items():
+            peak = 'n/a' if row['peak memory GB'] is None else f"{row['peak memory GB']:.2f}"
+            print(f"| {name} | {row['ms/step']:.2f} | {row['img/s']:.1f} | {peak} |")
+        print_table('(d) ratios (same run)', results['train_step']['ratios'])
+    if 'pipeline' in sections:
+        results['input_pipeline'] = bench_input_pipeline(args, device)
+        print_table(f"(e) input pipeline, {args.recipe}", {k: v for k, v in results['input_pipeline'].items()
+                                                          if k != 'loader img/s by workers'}, '{:.1f}')
+        print('| workers | loader img/s |\n|---|---|')
+        for workers, rate in results['input_pipeline']['loader img/s by workers'].items():
+            print(f'| {workers} | {rate:.1f} |')
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f'\nwrote {args.json}')
 

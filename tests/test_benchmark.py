@@ -4,17 +4,51 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import make_image_folder
+
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ('plain', 'mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
 
 
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / 'bench.json'
-    subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), '--device', 'cpu', '--batch-size', '4',
-                    '--img-size', '64', '--model-batch-size', '1', '--repeats', '1', '--rounds', '1',
-                    '--models', 'deit_tiny_patch16_224', '--json', str(out)], check=True, cwd=REPO, timeout=300)
+    data = make_image_folder(tmp_path / 'data', train_per_class=8)
+    printed = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'benchmark.py'), '--device', 'cpu', '--batch-size', '4',
+         '--img-size', '64', '--model-batch-size', '1', '--repeats', '1', '--rounds', '1',
+         '--models', 'deit_tiny_patch16_224',
+         '--step-model', 'deit_tiny_patch16_224', '--step-model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
+         '--step-img-size', '32', '--step-mask-cell', '16', '--step-classes', '10', '--step-batch-size', '4',
+         '--step-steps', '1', '--step-warmup', '1',
+         '--recipe', str(REPO / 'configs' / 'quickstart_mixpro.yaml'), '--data-dir', str(data),
+         '--recipe-args', '--batch-size 4 --img-size 16 --mask-cell 8', '--workers-list', '0',
+         '--pipeline-batches', '2', '--json', str(out)],
+        check=True, cwd=REPO, timeout=300, capture_output=True, text=True).stdout
     results = json.loads(out.read_text())
+
     mixers = results['mixers_ms']
-    assert {'timm Mixup (cutmix mode)', 'ours maskmix', 'ratio maskmix / timm cutmix'} <= set(mixers)
+    assert {'timm Mixup (cutmix mode)', 'ours maskmix', 'ours maskmix (one gather)', 'ratio maskmix / timm cutmix',
+            'ratio maskmix+PAL+relabel / timm cutmix', 'memory floor (read 2 images, write 1)'} <= set(mixers)
     assert all(v > 0 for v in mixers.values())
+    kernels = results['mixer_kernels']
+    assert 0 < kernels['ours maskmix'] < kernels['ours maskmix+PAL (+relabel)']
     row = results['models']['deit_tiny_patch16_224']
     assert row['forward ms'] > 0 and row['probe alone ms'] > 0 and row['official-style (unfused) ms'] > 0
+    assert 0 < row['probe kernels'] <= 8
+
+    step = results['train_step']
+    assert set(step['rows']) == {f'{m} | {a} | eager' for m in METHODS for a in ('fused', 'unfused')}
+    for name, figures in step['rows'].items():
+        assert figures['ms/step'] > 0 and figures['img/s'] > 0, name
+        assert figures['peak memory GB'] is None          # CUDA only
+        assert f'| {name} | ' in printed
+    ratios = step['ratios']
+    assert {'mixpro / mixup_cutmix (fused, eager)', 'unfused / fused, mixpro (eager)', 'maskmix / plain (fused, eager)'} \
+        <= set(ratios)
+    assert all(v > 0 for v in ratios.values())
+
+    pipeline = results['input_pipeline']
+    assert set(pipeline['loader img/s by workers']) == {'0'} and pipeline['loader img/s by workers']['0'] > 0
+    assert pipeline['step img/s'] > 0 and pipeline['batch_size'] == 4 and pipeline['method'] == 'mixpro'
+    assert pipeline['verdict'] == ('input-bound' if pipeline['loader / step'] < 1 else 'compute-bound')
+    assert f"| verdict | {pipeline['verdict']} |" in printed
