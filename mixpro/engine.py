@@ -152,7 +152,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
     clock, on_cuda = _LoaderClock(), torch.device(device).type == 'cuda'
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    clock_start = last_log = time.perf_counter()
+    last_log = time.perf_counter()
     data_at_log, step_at_log = 0.0, start_step
     for i, (x, y) in enumerate(clock.timed(loader), start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -211,13 +211,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
             break
     watch.check(epoch, steps, current_lr(optimizer))
     elapsed = time.time() - start
-    wall = time.perf_counter() - clock_start
     metrics = {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
                'partial_means': means.state_dict() if steps_done < steps else None,
                'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
                'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),
                'alpha': means.mean('alpha'), 'samples': samples,
-               'data_wait_s': clock.data, 'compute_s': max(wall - clock.data, 0.0),
+               'data_wait_s': clock.data, 'compute_s': max(elapsed - clock.data, 0.0),
                'peak_memory_gb': torch.cuda.max_memory_allocated(device) / 1e9 if on_cuda else None}
     return metrics, num_updates
 

@@ -157,10 +157,13 @@ def write_results(rows: List[dict], path: Path) -> None:
         path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + '\n')
 
 
+def _folder_names(root: Path) -> List[str]:
+    """The class folders of a split (none when it is missing: build_dataset names the missing folder)."""
+    return [e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith('.')] if root.is_dir() else []
+
+
 def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
-    if not root.is_dir():
-        return   # build_dataset names the missing folder
-    unknown = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith('.') and e.name not in subset)
+    unknown = sorted(name for name in _folder_names(root) if name not in subset)
     if unknown:
         raise ConfigError(f'{root} has class folder(s) outside --class-subset {option}: {", ".join(unknown[:5])}')
 
@@ -168,9 +171,7 @@ def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
 def _numbered_classes(root: Path, class_to_idx, is_primary: bool):
     """ImageNet-V2's layout names class folders by output index (0 … 999): label them by that number
     when the model's class names do not name them."""
-    if not root.is_dir():
-        return class_to_idx
-    folders = [e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith('.')]
+    folders = _folder_names(root)
     if not folders or not all(name.isdigit() for name in folders) or \
             (class_to_idx and any(name in class_to_idx for name in folders)):
         return class_to_idx
