@@ -110,6 +110,19 @@ def _head_blocks(heads: int, head_dim: int, scale: float, device) -> torch.Tenso
     return _HEAD_BLOCKS[key]
 
 
+def _head_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``queries [B, H, C] · keysᵀ`` in fp32, ``[B, H, N]``; the keys are read in place, never copied on CUDA.
+
+    Half-precision keys on CUDA go straight into cuBLAS, which accumulates in fp32 and writes fp32
+    (``out_dtype``): the same products the model's own fused attention forms from the same keys.
+    Converting the keys to fp32 first would cost a write and a read of ``[B, N, C]`` per step, more
+    than the rest of the probe. Elsewhere (CPU autocast) the keys are converted.
+    """
+    if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(queries.to(keys.dtype), keys.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(queries, keys.float().transpose(1, 2))                  # no copy when already fp32
+
+
 def cls_attention(layer: nn.Module, x: torch.Tensor, projected: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """Class-token attention over patch tokens, ``[B, N_patches]`` fp32.
 
@@ -117,7 +130,7 @@ def cls_attention(layer: nn.Module, x: torch.Tensor, projected: torch.Tensor, nu
     are read from there, and so is the class token's query when that projection ran in fp32; under
     autocast the query row is computed again in fp32. Every head's scaled query sits on its own columns
     of a block-diagonal ``[B, H, C]`` matrix, so ONE batched matmul against the keys (read in place, no
-    per-head copy) gives all heads' logits: matmul, softmax, mean over heads.
+    per-head copy) gives all heads' logits: matmul, softmax in fp32, mean over heads.
     """
     batch, tokens, _ = x.shape
     heads = layer.num_heads
@@ -135,13 +148,13 @@ def cls_attention(layer: nn.Module, x: torch.Tensor, projected: torch.Tensor, nu
                 q = F.linear(x[:, 0].float(), layer.qkv.weight[:dim].float(), None if bias is None else bias[:dim])
         dim = k.shape[-1]
         head_dim = dim // heads
-        k = k.float()                                                       # no copy when already fp32
         if isinstance(layer, Attention) and not (isinstance(layer.q_norm, nn.Identity)
                                                  and isinstance(layer.k_norm, nn.Identity)):
+            k = k.float()
             q = layer.q_norm(q.reshape(batch, heads, head_dim)).reshape(batch, dim)
             k = layer.k_norm(k.reshape(batch, tokens, heads, head_dim)).reshape(batch, tokens, dim)
         queries = q.unsqueeze(1) * _head_blocks(heads, head_dim, layer.scale, q.device)    # [B, H, C]
-        logits = torch.bmm(queries, k.transpose(1, 2))                                      # [B, H, N]
+        logits = _head_logits(queries, k)                                                  # [B, H, N]
         return logits.softmax(dim=-1).mean(dim=1)[:, num_prefix_tokens:]
 
 

@@ -163,3 +163,22 @@ def test_probe_equals_the_previous_probe(key, amp):
     expected = previous_cls_attention(probe.layer, captured['x'], captured['out'], probe.num_prefix_tokens)
     assert probe.attention.dtype == torch.float32 and probe.attention.shape == expected.shape
     assert torch.allclose(probe.attention, expected, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the half-precision key path is CUDA only')
+@pytest.mark.parametrize('key', ['deit', 'cait'])
+def test_half_precision_keys_on_cuda_match_fp32_keys(key):
+    """Under bf16 autocast on CUDA the keys go into the matmul as they are (fp32 accumulation and output):
+    the attention stays within bf16 rounding of the fp32-key maths."""
+    model = build(key).cuda()
+    probe = AttentionProbe(model)
+    captured = {}
+    key_projection(probe.layer).register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    probe.enabled = True
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        model(torch.randn(4, 3, 224, 224, device='cuda'))
+    assert captured['out'].dtype == torch.bfloat16
+    expected = previous_cls_attention(probe.layer, captured['x'], captured['out'], probe.num_prefix_tokens)
+    assert probe.attention.dtype == torch.float32
+    assert torch.allclose(probe.attention, expected, atol=1e-4, rtol=2e-2)
+    assert torch.allclose(probe.attention.sum(1), expected.sum(1), atol=1e-4)
