@@ -4,6 +4,7 @@ prints tables and writes JSON.
 
     python scripts/benchmark.py [--device cuda] [--amp] [--compile] [--json out.json]
     python scripts/benchmark.py --sections pipeline --recipe configs/deit_s_mixpro.yaml --data-dir /data/imagenet
+    python scripts/benchmark.py --sections zoo --zoo configs/*_mixpro.yaml --zoo-batch-size 128
 
 (a) mixer time per batch for every method against timm ``Mixup`` (CutMix and Mixup modes) and the
     memory floor, and the tensor operations (kernels) one call launches;
@@ -13,7 +14,9 @@ prints tables and writes JSON.
     mixup_cutmix, transmix, maskmix, mixpro), fused vs official-style unfused attention, eager vs
     ``torch.compile`` (--compile): ms/step, img/s, peak memory, ratios;
 (e) with --recipe and --data-dir: the recipe's train loader alone (img/s per worker count) against the
-    recipe's train step alone, and the verdict input-bound / compute-bound.
+    recipe's train step alone, and the verdict input-bound / compute-bound;
+(f) with --zoo: each recipe's own model and train step, eager against torch.compile (ms/step, warm-up
+    seconds, steps until compiling pays back, peak memory): whether compiling pays across the zoo.
 All ratios come from one run on one device, candidates interleaved. Goals (figures, not tests):
 MaskMix <= 1.0x timm CutMix; probe overhead <= 0.5 % of the forward.
 """
@@ -159,7 +162,7 @@ def bench_models(args, device):
         model = timm.create_model(name, img_size=args.img_size).to(device).train()
         probe = AttentionProbe(model)
 
-        def forward():
+        def forward(model=model):
             with amp:
                 model(x)
         # interleave the variants so drift in machine load hits all of them alike
@@ -182,7 +185,7 @@ def bench_models(args, device):
         with torch.no_grad(), amp:
             model(x)
         handle.remove()
-        def probe_alone():
+        def probe_alone(probe=probe):
             return cls_attention(probe.layer, captured['x'], captured['out'], probe.num_prefix_tokens)
         probe_only = median_ms(probe_alone, device, 50)
         rows[name] = {
@@ -328,14 +331,11 @@ def bench_input_pipeline(args, device):
     """(e): the recipe's train loader alone, per worker count, against the recipe's train step alone."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from timm.data import resolve_data_config
-    from mixpro.config import parse_train_args
     from mixpro.data import build_dataset, class_index_of, num_classes_of, train_loader
     from mixpro.distributed import DistInfo
-    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, build_model, label_token_size
+    from mixpro.training import build_model
 
-    argv = ['--config', args.recipe, '--data-dir', args.data_dir, '--device', device.type, '--output', '/tmp',
-            *shlex.split(args.recipe_args or '')]
-    recipe = parse_train_args(argv)
+    recipe = parse_recipe(args.recipe, device, f"--data-dir {shlex.quote(args.data_dir)} {args.recipe_args or ''}")
     dist_info = DistInfo(device=device)
     train_set = build_dataset(recipe, recipe.train_split, is_training=True)
     class_index_of(train_set)
@@ -362,17 +362,8 @@ def bench_input_pipeline(args, device):
         loader_rates[str(workers)] = images / (time.perf_counter() - start)
         del iterator, loader
     # the step alone, on a fixed batch of the recipe's shape, method and precision
-    model.to(device).train()
-    probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
-    size = data_config['input_size'][-1]
-    x = torch.randn(recipe.batch_size, 3, size, size, device=device)
-    y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16 if recipe.amp_dtype == 'bfloat16' else torch.float16) \
-        if recipe.amp else nullcontext()
-    runner = torch.compile(model, backend=args.compile_backend) if args.compile else model
-    step = TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
-                     probe.token_size if probe else label_token_size(model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step, optimizer, _ = recipe_step(recipe, model, num_classes, data_config['input_size'][-1], device,
+                                     args.compile_backend if args.compile else None)
     for _ in range(args.step_warmup):
         step(optimizer)
     ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
@@ -380,12 +371,88 @@ def bench_input_pipeline(args, device):
     # the verdict for the recipe's own worker count where it was timed, else for the best one timed
     best_workers, best_rate = max(loader_rates.items(), key=lambda kv: kv[1])
     loader_rate = loader_rates.get(str(recipe_workers), best_rate)
-    return {'recipe': args.recipe, 'batch_size': recipe.batch_size, 'img_size': size, 'method': recipe.mix_method,
+    return {'recipe': args.recipe, 'batch_size': recipe.batch_size, 'img_size': data_config['input_size'][-1],
+            'method': recipe.mix_method,
             'recipe workers': recipe_workers, 'loader img/s by workers': loader_rates,
             'best loader img/s': best_rate, 'best workers': int(best_workers),
             'step img/s' + (' (compiled)' if args.compile else ''): step_rate, 'step ms': ms,
             'loader / step': loader_rate / step_rate,
             'verdict': 'input-bound' if loader_rate < step_rate else 'compute-bound'}
+
+
+def parse_recipe(path, device, extra_args=''):
+    """A recipe's options as train.py reads them (no data folder needed to build its model and step)."""
+    from mixpro.config import parse_train_args
+    return parse_train_args(['--config', str(path), '--device', device.type, '--output', '/tmp',
+                             *shlex.split(extra_args or '')])
+
+
+def recipe_step(recipe, model, num_classes, size, device, compile_backend=None):
+    """The recipe's train step on a fixed batch of its shape, method and precision: (step, optimizer, probe);
+    ``compile_backend`` compiles the model (the probe is attached first, as train.py does)."""
+    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size
+    model.to(device).train()
+    probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
+    x = torch.randn(recipe.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16 if recipe.amp_dtype == 'bfloat16' else torch.float16) \
+        if recipe.amp else nullcontext()
+    runner = torch.compile(model, backend=compile_backend) if compile_backend else model
+    step = TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
+                     probe.token_size if probe else label_token_size(model))
+    return step, torch.optim.AdamW(model.parameters(), lr=1e-4), probe
+
+
+def bench_zoo(args, device):
+    """(f): each recipe's own model and train step (its method, batch, size, precision), eager against
+    ``torch.compile``: ms/step, seconds to compile, peak memory, the speed-up."""
+    from timm.data import resolve_data_config
+    from mixpro.training import build_model
+    rows = {}
+    for path in args.zoo:
+        recipe = parse_recipe(path, device, args.zoo_args)
+        if args.zoo_batch_size:
+            recipe.batch_size = min(recipe.batch_size, args.zoo_batch_size)
+        num_classes = recipe.num_classes or 1000
+        row = {'model': recipe.model, 'method': recipe.mix_method, 'batch': recipe.batch_size}
+        times, peak = {}, {}
+        steps = {}
+        for mode in ('eager', 'compiled'):
+            torch.manual_seed(0)
+            model = build_model(recipe, num_classes)
+            size = resolve_data_config(vars(recipe), model=model)['input_size'][-1]
+            backend = args.compile_backend if mode == 'compiled' else None
+            step, optimizer, _ = recipe_step(recipe, model, num_classes, size, device, backend)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.step_warmup):          # compiles every graph the method's steps need
+                step(optimizer)
+            sync(device)
+            row[f'{mode} warm-up s'] = time.perf_counter() - start
+            steps[mode] = (step, optimizer)
+            times[mode] = []
+        row['img_size'] = size
+        for _ in range(args.rounds):   # interleaved, so drift in machine load hits both modes alike
+            for mode, (step, optimizer) in steps.items():
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[mode].append(time_steps(step, optimizer, device, args.step_steps))
+                if device.type == 'cuda':
+                    peak[mode] = max(peak.get(mode, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+        for mode in steps:
+            row[f'{mode} ms/step'] = statistics.median(times[mode])
+            row[f'{mode} peak memory GB'] = peak.get(mode)
+        row['eager / compiled'] = row['eager ms/step'] / row['compiled ms/step']
+        # steps until the compile time is paid back by the faster steps
+        saved = row['eager ms/step'] - row['compiled ms/step']
+        extra = (row['compiled warm-up s'] - row['eager warm-up s']) * 1e3
+        row['steps to pay back compiling'] = extra / saved if saved > 0 else None
+        rows[Path(path).stem] = row
+        del steps, step, optimizer, model
+        torch._dynamo.reset()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
 
 
 def print_table(title, rows, value_format='{:.3f}'):
@@ -398,7 +465,7 @@ def print_table(title, rows, value_format='{:.3f}'):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--sections', nargs='+', default=None, choices=('mixers', 'models', 'step', 'pipeline'),
+    parser.add_argument('--sections', nargs='+', default=None, choices=('mixers', 'models', 'step', 'pipeline', 'zoo'),
                         help='default: mixers models step, and pipeline when --recipe is given')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (a shared CPU: 1 is steadier)')
     parser.add_argument('--batch-size', type=int, default=128, help='mixer batch size')
@@ -429,6 +496,11 @@ def main():
     g.add_argument('--workers-list', type=int, nargs='+', default=None,
                    help="loader worker counts to time (default: the recipe's)")
     g.add_argument('--pipeline-batches', type=int, default=20, help='batches timed per worker count')
+    g = parser.add_argument_group('(f) compile across the model zoo')
+    g.add_argument('--zoo', nargs='+', default=[], metavar='RECIPE',
+                   help='recipes (configs/*.yaml) whose model and train step to time eager and compiled')
+    g.add_argument('--zoo-batch-size', type=int, default=None, help="cap on each recipe's per-GPU batch")
+    g.add_argument('--zoo-args', default='', help='more train.py options for every zoo recipe, one string')
     parser.add_argument('--json', default='benchmark.json')
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -440,11 +512,14 @@ def main():
         args.step_batch_size = 256 if device.type == 'cuda' else 16
     if args.step_steps is None:
         args.step_steps = 20 if device.type == 'cuda' else 4
-    sections = args.sections or ['mixers', 'models', 'step'] + (['pipeline'] if args.recipe else [])
+    sections = args.sections or (['mixers', 'models', 'step'] + (['pipeline'] if args.recipe else [])
+                                 + (['zoo'] if args.zoo else []))
     if args.skip_models and 'models' in sections:
         sections.remove('models')
     if 'pipeline' in sections and not (args.recipe and args.data_dir):
         parser.error('the pipeline section needs --recipe and --data-dir')
+    if 'zoo' in sections and not args.zoo:
+        parser.error('the zoo section needs --zoo RECIPE [RECIPE ...]')
     torch.backends.cudnn.benchmark = True
 
     env = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu x{torch.get_num_threads()}',
@@ -481,6 +556,17 @@ def main():
         print('| workers | loader img/s |\n|---|---|')
         for workers, rate in results['input_pipeline']['loader img/s by workers'].items():
             print(f'| {workers} | {rate:.1f} |')
+    if 'zoo' in sections:
+        results['zoo'] = bench_zoo(args, device)
+        print(f"\n(f) eager vs torch.compile ({args.compile_backend}) per recipe, {env['device']}")
+        cols = ['eager ms/step', 'compiled ms/step', 'eager / compiled', 'compiled warm-up s',
+                'steps to pay back compiling', 'eager peak memory GB', 'compiled peak memory GB']
+        print('| recipe | model | method | batch | ' + ' | '.join(cols) + ' |\n' + '|---' * (len(cols) + 4) + '|')
+        for name, row in results['zoo'].items():
+            cells = ['n/a' if row[c] is None else f'{row[c]:.2f}' for c in cols]
+            print(f"| {name} | {row['model']} | {row['method']} | {row['batch']} | " + ' | '.join(cells) + ' |')
+        faster = sum(row['eager / compiled'] > 1 for row in results['zoo'].values())
+        print(f"compiled is faster for {faster} of {len(results['zoo'])} recipes")
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f'\nwrote {args.json}')
 

@@ -52,3 +52,25 @@ def test_benchmark_smoke(tmp_path):
     assert pipeline['step img/s'] > 0 and pipeline['batch_size'] == 4 and pipeline['method'] == 'mixpro'
     assert pipeline['verdict'] == ('input-bound' if pipeline['loader / step'] < 1 else 'compute-bound')
     assert f"| verdict | {pipeline['verdict']} |" in printed
+
+
+def test_benchmark_zoo_smoke(tmp_path):
+    """(f) builds each recipe's own model and step and times it eager and compiled (dynamo's eager
+    backend here: the tracing runs, inductor's code generation would take a minute on a CPU)."""
+    out = tmp_path / 'zoo.json'
+    recipes = [REPO / 'configs' / 'quickstart_mixpro.yaml', REPO / 'configs' / 'quickstart_baseline.yaml']
+    printed = subprocess.run(
+        [sys.executable, str(REPO / 'scripts' / 'benchmark.py'), '--device', 'cpu', '--sections', 'zoo',
+         '--zoo', *map(str, recipes), '--zoo-args', '--img-size 16 --mask-cell 8', '--zoo-batch-size', '3',
+         '--step-steps', '1', '--step-warmup', '1', '--rounds', '1', '--compile-backend', 'eager',
+         '--json', str(out)],
+        check=True, cwd=REPO, timeout=300, capture_output=True, text=True).stdout
+    rows = json.loads(out.read_text())['zoo']
+    assert set(rows) == {'quickstart_mixpro', 'quickstart_baseline'}
+    assert rows['quickstart_mixpro']['method'] == 'mixpro' and rows['quickstart_baseline']['method'] == 'mixup_cutmix'
+    for name, row in rows.items():
+        assert row['model'] == 'deit_tiny_patch16_224' and row['batch'] == 3 and row['img_size'] == 16
+        assert row['eager ms/step'] > 0 and row['compiled ms/step'] > 0 and row['compiled warm-up s'] > 0
+        assert abs(row['eager / compiled'] - row['eager ms/step'] / row['compiled ms/step']) < 1e-9
+        assert f"| {name} | deit_tiny_patch16_224 | {row['method']} | 3 | " in printed
+    assert 'compiled is faster for' in printed
