@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The README "Benchmark" figures on one CUDA GPU, written to OUT (default benchmark-gpu/):
+#
+#   bash scripts/benchmark_gpu.sh [OUT] [core|zoo|all]
+#
+# core (about 5 min on an H100): the CUDA-only tests, then (a) mixers, (b, c) forward and probe, bf16;
+#      (d) the DeiT-S train step per method, fused vs unfused, eager vs compiled, bf16, B=256.
+# zoo  (about 1 min per recipe): (f) eager vs torch.compile for one MixPro recipe per family, B<=128.
+# Each part writes its JSON and log to OUT, so a part stopped by a time limit keeps what it finished.
+set -euo pipefail
+out=${1:-benchmark-gpu}
+part=${2:-all}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this script measures the GPU path")'
+
+if [[ $part == core || $part == all ]]; then
+    python -m pytest -q -rs tests/test_probe.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+    python scripts/benchmark.py --device cuda --amp --sections mixers models --json "$out/mixers_models.json" \
+        2>&1 | tee "$out/mixers_models.log"
+    python scripts/benchmark.py --device cuda --amp --compile --sections step --json "$out/train_step.json" \
+        2>&1 | tee "$out/train_step.log"
+fi
+if [[ $part == zoo || $part == all ]]; then
+    python scripts/benchmark.py --device cuda --sections zoo --zoo-batch-size 128 --json "$out/zoo.json" \
+        --zoo configs/deit_s_mixpro.yaml configs/xcit_s_mixpro.yaml configs/cait_xxs_mixpro.yaml \
+              configs/pvt_s_mixpro.yaml configs/ca_swin_t_mixpro.yaml 2>&1 | tee "$out/zoo.log"
+fi
