@@ -237,6 +237,82 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_s
     }
 
 
+def load_datasets(args, dist_info: DistInfo):
+    """(train set, val set, class index): val is labelled by train's class index."""
+    download_first = args.dataset_download and dist_info.distributed   # one download per node, not per rank
+    if download_first and dist_info.local_rank != 0:
+        barrier()
+    train_set = build_dataset(args, args.train_split, is_training=True)
+    class_to_idx = class_index_of(train_set)
+    val_set = build_dataset(args, args.val_split, is_training=False, class_to_idx=class_to_idx)
+    if download_first and dist_info.local_rank == 0:
+        barrier()
+    return train_set, val_set, class_to_idx
+
+
+def mixed_precision(args, device: torch.device, primary: bool):
+    """(autocast context, GradScaler or None): float16 needs the scaler, bfloat16 does not."""
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
+    scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
+    if scaler is not None and device.type == 'cpu' and primary:
+        print('note: float16 autocast on the CPU is many times slower than float32; --amp-dtype bfloat16 '
+              'or --no-amp for CPU runs', flush=True)
+    return amp, scaler
+
+
+def build_loaders(args, train_set, val_set, data_config: dict, dist_info: DistInfo):
+    """(train loader, val loader); a train split smaller than one batch per process is refused."""
+    loader = train_loader(train_set, data_config, args, dist_info)
+    if len(loader) == 0:
+        split = f'{args.dataset} ({args.train_split})' if args.dataset else Path(args.data_dir) / args.train_split
+        raise ConfigError(f'{split} has {dataset_size(train_set)} images, fewer than '
+                          f'one batch of {args.batch_size} per process: lower --batch-size')
+    val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
+                             args.workers, dist_info, args.pin_mem)
+    return loader, val_loader
+
+
+def start_position(state: dict, args, train_set, dist_info: DistInfo):
+    """(epoch, step) to train from: where the checkpoint stopped, or the start of that epoch where the
+    saved step cannot be found again (another number of processes, a stream dataset)."""
+    if not state:
+        return 0, 0
+    start_epoch, start_step = resume_position(state)
+    if start_step and len(state.get('rng_states') or []) != dist_info.world_size:
+        if dist_info.is_primary:   # the saved position is in another partition of the data: redo that epoch whole
+            print(f'note: the run stopped mid-epoch with another number of processes; epoch {start_epoch} '
+                  f'restarts from its first step', flush=True)
+        start_step = 0
+    if start_step and is_stream(train_set):
+        if dist_info.is_primary:   # timm's wds reader has no position to return to: the epoch is read again
+            print(f'note: --dataset {args.dataset} is a stream, which cannot skip to the step the run stopped '
+                  f'at ({start_step}); epoch {start_epoch} restarts from its first step, from the weights '
+                  f'saved then', flush=True)
+        start_step = 0
+    return start_epoch, start_step
+
+
+def wrap_for_training(model, args, dist_info: DistInfo):
+    """(module to train, module to evaluate): compiled before the DDP wrap, as timm does; the compiled
+    module also evaluates."""
+    train_model = eval_model = model
+    if args.torchcompile:
+        train_model = eval_model = torch.compile(model, backend=args.torchcompile)
+    if dist_info.distributed:
+        device = dist_info.device
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return train_model, eval_model
+
+
+def epoch_line(epoch: int, train_metrics: dict, evals: dict, run_eta: float) -> str:
+    ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if 'eval_ema' in evals else ''
+    return (f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
+            f"top-5 {evals['eval']['top5']:.2f}{ema_note}, {train_metrics['img_per_s']:.0f} img/s, "
+            f"run eta {format_eta(run_eta)}")
+
+
 def _count(dataset) -> str:
     size = dataset_size(dataset)
     return '?' if size is None else str(size)
@@ -251,16 +327,8 @@ def run(args) -> dict:
     lock, stop, logger = RunLock(run_dir), None, None
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
-        download_first = args.dataset_download and dist_info.distributed   # one download per node, not per rank
-        if download_first and dist_info.local_rank != 0:
-            barrier()
-        train_set = build_dataset(args, args.train_split, is_training=True)
-        class_to_idx = class_index_of(train_set)
-        val_set = build_dataset(args, args.val_split, is_training=False, class_to_idx=class_to_idx)
-        if download_first and dist_info.local_rank == 0:
-            barrier()
-        num_classes = args.num_classes or num_classes_of(train_set)
-        args.num_classes = num_classes
+        train_set, val_set, class_to_idx = load_datasets(args, dist_info)
+        num_classes = args.num_classes = args.num_classes or num_classes_of(train_set)
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
         model = build_model(args, num_classes)
         torch.manual_seed(args.seed + dist_info.rank)   # from here on each rank draws its own randomness
@@ -279,20 +347,8 @@ def run(args) -> dict:
 
         lr = resolve_lr(args, dist_info.world_size)
         optimizer = build_optimizer(model, args, lr)
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
-        scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
-        if scaler is not None and device.type == 'cpu' and primary:
-            print('note: float16 autocast on the CPU is many times slower than float32; --amp-dtype bfloat16 '
-                  'or --no-amp for CPU runs', flush=True)
-
-        loader = train_loader(train_set, data_config, args, dist_info)
-        if len(loader) == 0:
-            split = f'{args.dataset} ({args.train_split})' if args.dataset else Path(args.data_dir) / args.train_split
-            raise ConfigError(f'{split} has {dataset_size(train_set)} images, fewer than '
-                              f'one batch of {args.batch_size} per process: lower --batch-size')
-        val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
-                                 args.workers, dist_info, args.pin_mem)
+        amp, scaler = mixed_precision(args, device, primary)
+        loader, val_loader = build_loaders(args, train_set, val_set, data_config, dist_info)
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
         # the engine calls step_update() after every optimizer update and step(epoch) at each epoch's end:
         # a per-update schedule (--sched-on-updates) moves on the first, a per-epoch one on the second
@@ -308,18 +364,7 @@ def run(args) -> dict:
                               f'count, other folders or order): its labels would be permuted')
         if not state:   # a new run may start from given weights (in place, before the EMA copies the model)
             load_initial_weights(model, args, primary)
-        start_epoch, start_step = resume_position(state) if state else (0, 0)
-        if start_step and len(state.get('rng_states') or []) != dist_info.world_size:
-            if primary:   # the saved position is in another partition of the data: redo that epoch whole
-                print(f'note: the run stopped mid-epoch with another number of processes; epoch {start_epoch} '
-                      f'restarts from its first step', flush=True)
-            start_step = 0
-        if start_step and is_stream(train_set):
-            if primary:   # timm's wds reader has no position to return to: the epoch is read again, whole
-                print(f'note: --dataset {args.dataset} is a stream, which cannot skip to the step the run stopped '
-                      f'at ({start_step}); epoch {start_epoch} restarts from its first step, from the weights '
-                      f'saved then', flush=True)
-            start_step = 0
+        start_epoch, start_step = start_position(state, args, train_set, dist_info)
         num_updates = start_epoch * per_epoch + start_step // args.grad_accum_steps
         if state and state['args'].get('epochs') != args.epochs:   # a schedule built anew: move it to where
             scheduler.step(start_epoch)                             # the run stands, as timm's resume does
@@ -339,12 +384,7 @@ def run(args) -> dict:
             if state.get('state_dict_ema'):
                 ema.module.load_state_dict(state['state_dict_ema'])
 
-        train_model = eval_model = model
-        if args.torchcompile:   # before the DDP wrap, as timm does; the compiled module also evaluates
-            train_model = eval_model = torch.compile(model, backend=args.torchcompile)
-        if dist_info.distributed:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        train_model, eval_model = wrap_for_training(model, args, dist_info)
 
         keeper = None
         if primary:
@@ -406,11 +446,8 @@ def run(args) -> dict:
                     logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'],
                                       class_names={i: name for name, i in class_to_idx.items()})
                 keeper.save(saved, epoch, evals['eval']['top1'])
-                ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if ema is not None else ''
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
-                print(f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
-                      f"top-5 {evals['eval']['top5']:.2f}{ema_note}, {train_metrics['img_per_s']:.0f} img/s, "
-                      f"run eta {format_eta(run_eta)}", flush=True)
+                print(epoch_line(epoch, train_metrics, evals, run_eta), flush=True)
             barrier()
             result = {'epoch': epoch, **evals}
             if epoch + 1 < num_epochs and stop.requested():
