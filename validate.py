@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate models: top-1, top-5 and loss, as JSON or CSV.
+"""Evaluate models: top-1, top-5 and loss (and ImageNet-ReaL top-1/top-5), as JSON or CSV.
 
     python validate.py --checkpoint output/quickstart_mixpro/model_best.pth.tar --data-dir data/digits
     python validate.py --checkpoint run_a/model_best.pth.tar run_b/model_best.pth.tar --occlusion 0 0.5
     python validate.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet
     python validate.py --model deit_small_patch16_224 --checkpoint deit_small.pth --data-dir /data --split imagenet-a \\
         --class-subset imagenet-a
+    python validate.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet --real-labels
     torchrun --nproc_per_node=8 validate.py --checkpoint ... --data-dir /data/imagenet --use-ema
 """
 import argparse
@@ -14,6 +15,7 @@ import sys
 
 from mixpro.checkpoint import CheckpointError
 from mixpro.config import ConfigError, KeyValueAction
+from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.validation import run
 
 
@@ -42,6 +44,9 @@ def parse_args(argv=None):
                       help="names of the model's outputs, timm format (default: the checkpoint's, or ImageNet-1k's)")
     data.add_argument('--class-subset', default=None, metavar='imagenet-a|imagenet-r|FILE',
                       help='evaluate over these classes only (logits of the others are left out)')
+    data.add_argument('--real-labels', nargs='?', const=TIMM_REAL_LABELS, default=None, metavar='FILE',
+                      help="also report ImageNet-ReaL top-1/top-5 (Beyer et al. 2020) on an ImageNet val folder; "
+                           "labels from FILE (default: timm's shipped copy)")
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
     data.add_argument('--batch-size', '-b', type=int, default=256)

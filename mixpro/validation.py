@@ -20,6 +20,7 @@ from .data import build_dataset, eval_loader, num_classes_of
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
 from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
+from .real_labels import RealLabelScorer, check_real_request, read_real_labels, real_label_sets
 from .robustness import OccludedBatches, SubsetLogits, imagenet_class_index, read_class_subset, subset_outputs
 from .training import build_model   # the same model construction as training
 
@@ -181,8 +182,9 @@ def _numbered_classes(root: Path, class_to_idx, is_primary: bool):
 
 
 def build_eval_data(args, loaded: LoadedModel, dist_info):
-    """``(loader, model to evaluate, split label)`` for one loaded model: its dataset with the class index
-    its outputs need, and the model restricted to ``--class-subset`` where one is given."""
+    """``(loader, model to evaluate, data config, split label)`` for one loaded model: its dataset with the
+    class index its outputs need, and the model restricted to ``--class-subset`` where one is given, or
+    wrapped in a ``RealLabelScorer`` for ``--real-labels``."""
     run_args = loaded.args
     dataset_name = (getattr(run_args, 'dataset', '') if loaded.from_run else '') if args.dataset is None else args.dataset
     data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
@@ -193,6 +195,9 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
                           class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
     model, class_to_idx = loaded.model, loaded.class_to_idx
+    real_labels = getattr(args, 'real_labels', None)
+    if real_labels:   # before reading any data: refuse what ReaL cannot score
+        check_real_request(real_labels, dataset_name, args.class_subset, model, class_to_idx)
     if args.class_subset:
         if dataset_name:
             raise ConfigError(f'--class-subset works on ImageFolder data, not --dataset {dataset_name}')
@@ -212,6 +217,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
         # other datasets, and checkpoints of older versions, must have the run's class count
         raise ValueError(f'checkpoint {loaded.source} was trained for {expected} classes '
                          f'but {dataset_name or Path(data_dir) / split_name} has {classes} classes')
+    if real_labels:   # the model, also counting ReaL hits of each image (by its file name)
+        model = RealLabelScorer(model, real_label_sets(dataset, read_real_labels(real_labels), real_labels))
     if args.crop_pct is not None:
         run_args.crop_pct = args.crop_pct
     data_config = resolve_data_config(vars(run_args), model=loaded.model)
@@ -232,19 +239,32 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     for ratio in ratios:
         batches = OccludedBatches(loader, ratio, data_config['mean'], data_config['std'],
                                   args.occlusion_patch, args.occlusion_seed)
+        if isinstance(model, RealLabelScorer):
+            batches = model.batches(batches, loader.sampler)
         metrics = evaluate(model, batches, dist_info.device, amp)
         row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
                'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
                'samples': metrics['count'], 'top1': metrics['top1'], 'top5': metrics['top5'],
                'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
+        real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
+        row.update(real or {})
         rows.append(row)
         if dist_info.is_primary:
             occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
             subset = f' [{args.class_subset}]' if args.class_subset else ''
             print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
                   f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
-                  f"({metrics['count']} images)", flush=True)
+                  f"({metrics['count']} images){_real_summary(real)}", flush=True)
     return rows
+
+
+def _real_summary(real: Optional[dict]) -> str:
+    if real is None:
+        return ''
+    if not real['real_images']:
+        return '  ReaL: no image has ReaL labels'
+    return (f"  ReaL top-1 {real['real_top1']:.3f}  top-5 {real['real_top5']:.3f}  "
+            f"({real['real_images']} images with ReaL labels)")
 
 
 def run(args) -> List[dict]:
