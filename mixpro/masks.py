@@ -29,14 +29,24 @@ def maskmix_cells(batch: int, grid: Tuple[int, int], n_keep: int, generator: tor
     return keep.view(batch, gh, gw)
 
 
+def cell_units(cells: torch.Tensor, per_cell: int) -> torch.Tensor:
+    """``[B, Gh, Gw]`` per cell -> a ``[B, Gh, u, Gw, u]`` view (no copy) with ``u = per_cell`` units per
+    cell side. An elementwise op on it (``where``, ``float``) writes the finer grid in one pass, and
+    ``units_to_grid`` then reads it as ``[B, rows, cols]`` without another copy."""
+    b, gh, gw = cells.shape
+    return cells[:, :, None, :, None].expand(b, gh, per_cell, gw, per_cell)
+
+
+def units_to_grid(units: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[B, Gh, u, Gw, u]`` -> ``[B, rows, cols]``, cropped at the border (the image crops the last cells)."""
+    b, gh, u, gw, _ = units.shape
+    return units.reshape(b, gh * u, gw * u)[:, :rows, :cols]
+
+
 def cells_to_blocks(cells: torch.Tensor, per_cell: int, rows: int, cols: int) -> torch.Tensor:
     """``[B, Gh, Gw]`` cell mask -> ``[B, rows, cols]`` mask of a finer grid with ``per_cell`` x
     ``per_cell`` units per cell, cropped to ``rows`` x ``cols`` (the image border crops the last cells)."""
-    b, gh, gw = cells.shape
-    if per_cell == 1:
-        return cells[:, :rows, :cols]
-    units = cells[:, :, None, :, None].expand(b, gh, per_cell, gw, per_cell)
-    return units.reshape(b, gh * per_cell, gw * per_cell)[:, :rows, :cols]
+    return units_to_grid(cell_units(cells, per_cell), rows, cols)
 
 
 def cells_to_pixels(cells: torch.Tensor, cell: int, height: int, width: int) -> torch.Tensor:
@@ -81,8 +91,9 @@ def mix_cells(x: torch.Tensor, cells: torch.Tensor, partner: torch.Tensor, geome
     b, c, height, width = x.shape
     g = geometry
     u, rows, cols = g.block, g.rows, g.cols
-    keep_blocks = cells_to_blocks(cells, g.cell // u, rows, cols)                # [B, rows, cols]
-    source = torch.where(keep_blocks, g.samples.view(-1, 1, 1), partner.view(-1, 1, 1))
+    # the source image of every block, written once on the [B, Gh, u', Gw, u'] units of the cells
+    source = units_to_grid(torch.where(cell_units(cells, g.cell // u), g.samples.view(-1, 1, 1, 1, 1),
+                                       partner.view(-1, 1, 1, 1, 1)), rows, cols)   # [B, rows, cols]
     x = x.contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from .masks import (CellGeometry, box_keep_mask, cells_to_blocks, cells_to_pixels, maskmix_cells, mix_cells,
-                    mix_cells_in_place, random_box, token_membership)
+from .masks import (CellGeometry, box_keep_mask, cell_units, cells_to_pixels, maskmix_cells, mix_cells,
+                    mix_cells_in_place, random_box, token_membership, units_to_grid)
 from .targets import attention_lambda, mix_target, pal_lambda, transmix_lambda
 
 METHODS = ('mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
@@ -277,8 +277,8 @@ class Mixer:
         if step.cells is not None:
             # MaskMix cells are whole tokens: the membership is the cell mask on the token grid (the
             # same 0/1 values, area or nearest, as pooling the pixel mask, without building it)
-            membership = cells_to_blocks(step.cells, self.mask_cell // self.token_size, height // self.token_size,
-                                         width // self.token_size).float().flatten(1)
+            units = cell_units(step.cells, self.mask_cell // self.token_size).float()
+            membership = units_to_grid(units, height // self.token_size, width // self.token_size).flatten(1)
         else:
             membership = token_membership(step.keep, self.token_size, self.membership)
         lam_attn = attention_lambda(membership, attention)

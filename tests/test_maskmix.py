@@ -192,9 +192,11 @@ class PreviousMixer:
 @pytest.mark.parametrize('in_place', [True, False], ids=['cpu_copy', 'one_gather'])
 def test_same_seed_gives_the_previous_implementation_s_masks_partners_and_targets(method, size, cell, token, kwargs,
                                                                                in_place, monkeypatch):
-    """Bit for bit, except where the permutation pairs a sample with itself: that image is unchanged, so its
-    keep mask is now all True and lam_area / lam_attn are exactly 1 (the old code counted its cells).
-    Both compositions: the CPU's in-place copy and the accelerators' one gather (run here on the CPU)."""
+    """Masks, partners, images, lam_area and lam_attn bit for bit; targets and PAL's alpha within float
+    rounding (they are now summed in fewer operations). Except where the permutation pairs a sample with
+    itself: that image is unchanged, so its keep mask is now all True and lam_area / lam_attn are exactly 1
+    (the old code counted its cells). Both compositions: the CPU's in-place copy and the accelerators' one
+    gather (run here on the CPU)."""
     monkeypatch.setattr(Mixer, 'cpu_in_place', in_place)
     new = Mixer(method, num_classes=10, mask_cell=cell, token_size=token, seed=3, **kwargs)
     old = PreviousMixer(method, 10, seed=3, mask_cell=cell, token_size=token, **kwargs)
@@ -216,8 +218,7 @@ def test_same_seed_gives_the_previous_implementation_s_masks_partners_and_target
         self_pairs += int((~moved).sum()) if step.kind == 'maskmix' else 0
         same = moved if step.kind == 'maskmix' else torch.ones(16, dtype=torch.bool)
         assert torch.equal(step.lam_area[same], ref['lam_area'][same])
-        assert torch.equal(target_new[same], target_old[same])
-        assert torch.allclose(target_new, target_old, atol=1e-6)
+        assert torch.allclose(target_new, target_old, atol=1e-6, rtol=0)
         assert (step.keep is None) == (step.kind == 'mixup' or (step.kind == 'cutmix' and method != 'transmix'))
         if step.keep is not None:
             keep_old = ref['keep'].clone()
@@ -226,13 +227,12 @@ def test_same_seed_gives_the_previous_implementation_s_masks_partners_and_target
             assert torch.equal(step.keep, keep_old)
         final_new = new.relabel(logits, attention if new.needs_attention else None)
         final_old = old.relabel(logits, attention)
-        assert torch.equal(final_new[same], final_old[same])
-        assert torch.allclose(final_new, final_old, atol=1e-6)
+        assert torch.allclose(final_new, final_old, atol=1e-6, rtol=0)
         if step.lam_attn is not None:
             assert torch.equal(step.lam_attn[same], ref['lam_attn'][same])
             assert torch.all(step.lam_attn[~same] == 1.0)
         if step.alpha is not None:
-            assert torch.equal(step.alpha[same], ref['alpha'][same])
+            assert torch.allclose(step.alpha[same], ref['alpha'][same], atol=1e-6, rtol=0)
     only_maskmix = method == 'maskmix' or kwargs.get('maskmix_prob') == 1.0
     assert kinds == {'maskmix'} if only_maskmix else len(kinds) >= 2
     if 'maskmix' in kinds:
