@@ -75,6 +75,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     group.add_argument('--drop-path', type=float, default=0.1)
     group.add_argument('--channels-last', action=flag, default=False)
+    group.add_argument('--grad-checkpointing', action=flag, default=False,
+                       help="recompute each block's activations in the backward pass (timm): less memory for "
+                            "the large models, at about a third more compute")
     group.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
                        help='torch.compile backend (bare flag: inductor)')
 

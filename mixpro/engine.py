@@ -167,6 +167,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
         with model.no_sync() if no_sync else nullcontext():
             with amp:
                 logits = model(x)
+                if probe is not None:   # read once: the backward's recompute (--grad-checkpointing) skips it
+                    probe.enabled = False
                 target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
                 loss = loss_fn(logits, target)
             if keep_samples and samples is None:   # before the probe lets go of the attention

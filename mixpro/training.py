@@ -38,19 +38,28 @@ def build_model(args, num_classes: int):
     kwargs = dict(args.model_kwargs or {})
     common = dict(pretrained=False, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     try:
+        model = None
         if args.img_size is not None and 'img_size' not in kwargs:
             try:
-                return timm.create_model(args.model, img_size=args.img_size, **common, **kwargs)
+                model = timm.create_model(args.model, img_size=args.img_size, **common, **kwargs)
             except TypeError as err:      # convnets take no img_size: the data config alone sets it
                 if 'img_size' not in str(err):
                     raise
-        return timm.create_model(args.model, **common, **kwargs)
+        if model is None:
+            model = timm.create_model(args.model, **common, **kwargs)
     except RuntimeError as err:
         if 'Unknown model' in str(err):
             raise ConfigError(f"model '{args.model}' is not a timm model: {err}") from err
         raise
     except TypeError as err:   # a keyword the model does not take, or a value of the wrong type
         raise ConfigError(f"model '{args.model}' cannot be built with model_kwargs {kwargs}: {err}") from err
+    if getattr(args, 'grad_checkpointing', False):
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as err:
+            raise ConfigError(f"--grad-checkpointing: model '{args.model}' cannot recompute its blocks "
+                              f'({type(err).__name__}: {err}); train it without') from err
+    return model
 
 
 def label_token_size(model) -> int:
@@ -118,7 +127,7 @@ def build_optimizer(model, args, lr: float):
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'channels_last',
+                     'checkpoint_hist', 'torchcompile', 'channels_last', 'grad_checkpointing',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 

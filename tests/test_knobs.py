@@ -197,3 +197,58 @@ def test_bce_loss_trains_on_the_attention_relabelled_target(data_dir, tmp_path, 
     assert float(rows[0]['train_loss']) == pytest.approx(sum(c[2].item() for c in calls[:STEPS]) / STEPS, rel=1e-5)
     assert len(rows) == 2
 
+
+
+# ---- --grad-checkpointing -----------------------------------------------------------------------
+def _model_args(name, **extra):
+    return Namespace(model=name, model_kwargs=SMALL[name], drop=0.0, drop_path=0.0, img_size=None, **extra)
+
+
+@pytest.mark.parametrize('name', list(SMALL))
+def test_grad_checkpointing_gives_the_same_gradients_in_every_family(name):
+    torch.manual_seed(0)
+    plain = training.build_model(_model_args(name), 5).train()
+    recomputed = training.build_model(_model_args(name, grad_checkpointing=True), 5).train()
+    recomputed.load_state_dict(plain.state_dict())
+    x, y = torch.randn(2, 3, 224, 224), torch.tensor([1, 3])
+    grads = []
+    for model in (plain, recomputed):
+        F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+    flags = [m.grad_checkpointing for m in recomputed.modules() if hasattr(m, 'grad_checkpointing')]
+    assert flags and all(flags) and not any(m.grad_checkpointing for m in plain.modules()
+                                            if hasattr(m, 'grad_checkpointing'))
+
+
+def test_grad_checkpointing_reads_the_attention_once_per_step(data_dir, tmp_path, monkeypatch):
+    """The backward's recompute runs the label layer's hook again: the engine switches the probe off after
+    the forward, so the attention is computed once per step, and training gives the same weights."""
+    from mixpro import probe as probe_module
+    calls = {'n': 0}
+    real = probe_module.cls_attention
+
+    def counting(*args, **kwargs):
+        calls['n'] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(probe_module, 'cls_attention', counting)
+    weights, counts = [], []
+    for name, extra in (('plain', ()), ('recomputed', ('--grad-checkpointing',))):
+        calls['n'] = 0
+        train.main(train_args(data_dir, tmp_path, name, 'mixpro', 1, '--drop-path', '0', '--log-interval', '0',
+                              '--image-grid-interval', '0', *extra))
+        counts.append(calls['n'])
+        weights.append(_load(tmp_path / name / 'last.pth.tar')['state_dict'])
+    assert counts[0] > 0 and counts[1] == counts[0], counts
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_one_line(monkeypatch):
+    model = torch.nn.Linear(3, 3)
+    monkeypatch.setattr(training.timm, 'create_model', lambda *a, **k: model)
+    with pytest.raises(training.ConfigError, match="--grad-checkpointing: model 'linear' cannot recompute"):
+        training.build_model(Namespace(model='linear', model_kwargs={}, drop=0.0, drop_path=0.0, img_size=None,
+                                       grad_checkpointing=True), 3)

@@ -279,6 +279,7 @@ class PyramidVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable   # the stages act on it; kept here as timm models keep it
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
