@@ -221,6 +221,16 @@ class TrainStep:
         self.mixer = None if method == 'plain' else Mixer(method, num_classes=num_classes, mask_cell=mask_cell,
                                                           token_size=token_size, seed=seed)
         self.loss_fn = SoftTargetCrossEntropy()
+        self.probe_states = set()   # the probe states seen: a compiled model has one graph for each
+
+    def warm_up(self, optimizer, steps, limit=64):
+        """``steps`` steps, then more (up to ``limit``) until every probe state the method uses has run,
+        so that no compilation falls into the timed steps (TransMix and MixPro switch the probe per step)."""
+        wanted = {True, False} if self.probe is not None and self.method in NEEDS_ATTENTION else {False}
+        for done in range(limit):
+            if done >= steps and wanted <= self.probe_states:
+                return
+            self(optimizer)
 
     def __call__(self, optimizer):
         x, y, mixer, probe = self.x, self.y, self.mixer, self.probe
@@ -228,6 +238,7 @@ class TrainStep:
             x, target = mixer(x, y)
         if probe is not None:
             probe.enabled = mixer is not None and mixer.needs_attention
+        self.probe_states.add(probe is not None and probe.enabled)
         with self.amp:
             logits = self.model(x)
             if mixer is None:
@@ -288,8 +299,7 @@ def bench_train_step(args, device):
                                  probe.token_size)
                 configs[(method, attention, mode)] = (step, optimizer)
     for (method, attention, mode), (step, optimizer) in configs.items():   # warm up (compiles every graph)
-        for _ in range(args.step_warmup):
-            step(optimizer)
+        step.warm_up(optimizer, args.step_warmup)
     per_round = {key: [] for key in configs}
     peak = {}
     for _ in range(args.rounds):   # interleaved, so drift in machine load hits every configuration alike
@@ -364,8 +374,7 @@ def bench_input_pipeline(args, device):
     # the step alone, on a fixed batch of the recipe's shape, method and precision
     step, optimizer, _ = recipe_step(recipe, model, num_classes, data_config['input_size'][-1], device,
                                      args.compile_backend if args.compile else None)
-    for _ in range(args.step_warmup):
-        step(optimizer)
+    step.warm_up(optimizer, args.step_warmup)
     ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
     step_rate = recipe.batch_size * 1e3 / ms
     # the verdict for the recipe's own worker count where it was timed, else for the best one timed
@@ -425,8 +434,7 @@ def bench_zoo(args, device):
             step, optimizer, _ = recipe_step(recipe, model, num_classes, size, device, backend)
             sync(device)
             start = time.perf_counter()
-            for _ in range(args.step_warmup):          # compiles every graph the method's steps need
-                step(optimizer)
+            step.warm_up(optimizer, args.step_warmup)   # compiles every graph the method's steps need
             sync(device)
             row[f'{mode} warm-up s'] = time.perf_counter() - start
             steps[mode] = (step, optimizer)

@@ -74,3 +74,22 @@ def test_benchmark_zoo_smoke(tmp_path):
         assert abs(row['eager / compiled'] - row['eager ms/step'] / row['compiled ms/step']) < 1e-9
         assert f"| {name} | deit_tiny_patch16_224 | {row['method']} | 3 | " in printed
     assert 'compiled is faster for' in printed
+
+
+def test_warm_up_runs_both_probe_states_of_mixpro_before_timing():
+    """A compiled model has a graph per probe state; MixPro switches it per step, so the warm-up goes on
+    until both have run (else a compilation would land in the timed steps)."""
+    import timm
+    import torch
+    sys.path.insert(0, str(REPO / 'scripts'))
+    import benchmark
+    from mixpro import AttentionProbe
+    model = timm.create_model('deit_tiny_patch16_224', img_size=32, depth=1, embed_dim=32, num_heads=2,
+                              num_classes=4)
+    probe = AttentionProbe(model)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for method, states in (('mixpro', {True, False}), ('mixup_cutmix', {False})):
+        step = benchmark.TrainStep(model, probe, method, 4, x, y, benchmark.nullcontext(), 16, 16, seed=1)
+        step.warm_up(optimizer, 1)
+        assert step.probe_states == states, method
