@@ -277,6 +277,22 @@ def time_steps(step, optimizer, device, steps):
     return (time.perf_counter() - start) * 1e3 / steps
 
 
+def time_interleaved(configs, args, device):
+    """Median ms per step of each ``(step, optimizer)`` in ``configs`` over ``args.rounds`` rounds, the
+    configurations interleaved so that drift in machine load hits all of them alike; and the peak memory
+    (GB) of each on CUDA."""
+    per_round = {key: [] for key in configs}
+    peak = {}
+    for _ in range(args.rounds):
+        for key, (step, optimizer) in configs.items():
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            per_round[key].append(time_steps(step, optimizer, device, args.step_steps))
+            if device.type == 'cuda':
+                peak[key] = max(peak.get(key, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+    return {key: statistics.median(times) for key, times in per_round.items()}, peak
+
+
 def bench_train_step(args, device):
     """(d): per method x attention (fused / official-style unfused) x mode (eager / compiled)."""
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
@@ -300,18 +316,9 @@ def bench_train_step(args, device):
                 configs[(method, attention, mode)] = (step, optimizer)
     for (method, attention, mode), (step, optimizer) in configs.items():   # warm up (compiles every graph)
         step.warm_up(optimizer, args.step_warmup)
-    per_round = {key: [] for key in configs}
-    peak = {}
-    for _ in range(args.rounds):   # interleaved, so drift in machine load hits every configuration alike
-        for key, (step, optimizer) in configs.items():
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            per_round[key].append(time_steps(step, optimizer, device, args.step_steps))
-            if device.type == 'cuda':
-                peak[key] = max(peak.get(key, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+    medians, peak = time_interleaved(configs, args, device)
     rows = {}
-    for key, times in per_round.items():
-        ms = statistics.median(times)
+    for key, ms in medians.items():
         rows[' | '.join(key)] = {'ms/step': ms, 'img/s': batch * 1e3 / ms, 'peak memory GB': peak.get(key)}
     ratios = {}
     for attention in attention_modes:
@@ -424,7 +431,6 @@ def bench_zoo(args, device):
             recipe.batch_size = min(recipe.batch_size, args.zoo_batch_size)
         num_classes = recipe.num_classes or 1000
         row = {'model': recipe.model, 'method': recipe.mix_method, 'batch': recipe.batch_size}
-        times, peak = {}, {}
         steps = {}
         for mode in ('eager', 'compiled'):
             torch.manual_seed(0)
@@ -438,17 +444,10 @@ def bench_zoo(args, device):
             sync(device)
             row[f'{mode} warm-up s'] = time.perf_counter() - start
             steps[mode] = (step, optimizer)
-            times[mode] = []
         row['img_size'] = size
-        for _ in range(args.rounds):   # interleaved, so drift in machine load hits both modes alike
-            for mode, (step, optimizer) in steps.items():
-                if device.type == 'cuda':
-                    torch.cuda.reset_peak_memory_stats(device)
-                times[mode].append(time_steps(step, optimizer, device, args.step_steps))
-                if device.type == 'cuda':
-                    peak[mode] = max(peak.get(mode, 0.0), torch.cuda.max_memory_allocated(device) / 1e9)
+        medians, peak = time_interleaved(steps, args, device)
         for mode in steps:
-            row[f'{mode} ms/step'] = statistics.median(times[mode])
+            row[f'{mode} ms/step'] = medians[mode]
             row[f'{mode} peak memory GB'] = peak.get(mode)
         row['eager / compiled'] = row['eager ms/step'] / row['compiled ms/step']
         # steps until the compile time is paid back by the faster steps
