@@ -3,7 +3,9 @@
 The probe hangs a forward hook on the key projection of the LAST attention layer that has a class
 token and, only when switched on, reads that layer's keys from the projection's output, recomputes
 the class token's query row in fp32 and returns ``softmax(q_cls · kᵀ · scale)`` in fp32, mean over
-heads, patch-token columns only, detached. Every layer keeps timm's fused attention, and nothing is
+heads, patch-token columns only, detached. Under half-precision autocast on CUDA the scaled query is
+rounded to the keys' dtype and the products are accumulated and returned in fp32, as the model's own
+fused attention forms them; elsewhere the keys are converted to fp32. Every layer keeps timm's fused attention, and nothing is
 forked; the extra work is one query row and one attention row, O(N·C) per sample.
 
     probe = AttentionProbe(model)      # attach once, before torch.compile / DDP / EMA copies
@@ -113,8 +115,10 @@ def _head_blocks(heads: int, head_dim: int, scale: float, device) -> torch.Tenso
 def _head_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``queries [B, H, C] · keysᵀ`` in fp32, ``[B, H, N]``; the keys are read in place, never copied on CUDA.
 
-    Half-precision keys on CUDA go straight into cuBLAS, which accumulates in fp32 and writes fp32
-    (``out_dtype``): the same products the model's own fused attention forms from the same keys.
+    Half-precision keys on CUDA go straight into cuBLAS with the query rounded to their dtype; it
+    accumulates in fp32 and writes fp32 (``out_dtype``): the products the model's own fused attention
+    forms. (Against fp32 keys, single tokens' weights can move by a few % where logits are large; the
+    label weights, sums over many tokens, by about 1e-3.)
     Converting the keys to fp32 first would cost a write and a read of ``[B, N, C]`` per step, more
     than the rest of the probe. Elsewhere (CPU autocast) the keys are converted.
     """

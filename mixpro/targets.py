@@ -24,8 +24,8 @@ def mix_target(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Te
     kernel launch on a GPU, where this small matrix costs launches, not bandwidth).
     """
     off = smoothing / num_classes
-    own = lam.view(-1, 1) * (1.0 - smoothing)                      # (on - off) * lam
-    target = torch.full((labels.shape[0], num_classes), off, dtype=own.dtype, device=labels.device)
+    own = lam.float().reshape(-1, 1).expand(labels.shape[0], 1) * (1.0 - smoothing)   # (on - off) * lam
+    target = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
     target.scatter_add_(1, labels.long().view(-1, 1), own)
     return target.scatter_add_(1, partner_labels.long().view(-1, 1), (1.0 - smoothing) - own)
 
@@ -57,5 +57,6 @@ def pal_lambda(logits: torch.Tensor, area_target: torch.Tensor, lam_area: torch.
     alpha = (probs * area_target).sum(1) / norms.clamp_min(1e-8)
     if detach_alpha:
         alpha = alpha.detach()
-    return torch.lerp(lam_area, lam_attn, alpha), alpha              # one operation: (1-α)·λ_area + α·λ_attn
+    lam = torch.lerp(lam_area.float(), lam_attn.float(), alpha)     # one operation: (1-α)·λ_area + α·λ_attn
+    return lam, alpha
 

@@ -307,6 +307,11 @@ def wrap_for_training(model, args, dist_info: DistInfo):
     module also evaluates."""
     train_model = eval_model = model
     if args.torchcompile:
+        if getattr(args, 'grad_checkpointing', False):
+            # the probe's hook runs inside a checkpointed block; torch.compile would break the graph on its
+            # write to the probe, which the recompute must skip anyway (the engine switches the probe off
+            # before the backward): tell dynamo not to replay forward side effects there
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         train_model = eval_model = torch.compile(model, backend=args.torchcompile)
     if dist_info.distributed:
         device = dist_info.device

@@ -59,6 +59,7 @@ def _model_from_run_state(state: dict, path, model_name, use_ema, img_size):
         weights = state.get('state_dict_ema')
         if weights is None:
             raise ValueError(f'checkpoint {path} holds no EMA weights (trained without --model-ema)')
+    train_args.grad_checkpointing = False   # a training-memory setting: evaluation keeps no activations
     model = build_model(train_args, state['num_classes'])
     _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
     return model, train_args, state.get('class_to_idx')

@@ -241,10 +241,12 @@ class TrainStep:
         self.probe_states.add(probe is not None and probe.enabled)
         with self.amp:
             logits = self.model(x)
+            if probe is not None:   # as engine.py: read once, not again in a recomputing backward
+                probe.enabled = False
             if mixer is None:
                 loss = F.cross_entropy(logits, y, label_smoothing=0.1)
             else:
-                target = mixer.relabel(logits, probe.attention if probe is not None and probe.enabled else None)
+                target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
                 loss = self.loss_fn(logits, target)
         loss.backward()
         optimizer.step()
@@ -379,8 +381,9 @@ def bench_input_pipeline(args, device):
         loader_rates[str(workers)] = images / (time.perf_counter() - start)
         del iterator, loader
     # the step alone, on a fixed batch of the recipe's shape, method and precision
-    step, optimizer, _ = recipe_step(recipe, model, num_classes, data_config['input_size'][-1], device,
-                                     args.compile_backend if args.compile else None)
+    steps = recipe_steps(recipe, model, num_classes, data_config['input_size'][-1], device,
+                         {'step': args.compile_backend if args.compile else None})
+    step, optimizer = steps['step']
     step.warm_up(optimizer, args.step_warmup)
     ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
     step_rate = recipe.batch_size * 1e3 / ms
@@ -403,20 +406,27 @@ def parse_recipe(path, device, extra_args=''):
                              *shlex.split(extra_args or '')])
 
 
-def recipe_step(recipe, model, num_classes, size, device, compile_backend=None):
-    """The recipe's train step on a fixed batch of its shape, method and precision: (step, optimizer, probe);
-    ``compile_backend`` compiles the model (the probe is attached first, as train.py does)."""
-    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size
+def recipe_steps(recipe, model, num_classes, size, device, backends):
+    """The recipe's train step on a fixed batch of its shape, method and precision, once per entry of
+    ``backends`` (name -> torch.compile backend, or None for eager): {name: (step, optimizer)}. All share
+    ``model``, its probe (attached before compiling, as train.py does) and one optimizer, so that one
+    model's weights and optimizer state are in memory."""
+    from mixpro.distributed import DistInfo
+    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, wrap_for_training
     model.to(device).train()
     probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
     x = torch.randn(recipe.batch_size, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16 if recipe.amp_dtype == 'bfloat16' else torch.float16) \
         if recipe.amp else nullcontext()
-    runner = torch.compile(model, backend=compile_backend) if compile_backend else model
-    step = TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
-                     probe.token_size if probe else label_token_size(model))
-    return step, torch.optim.AdamW(model.parameters(), lr=1e-4), probe
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    steps = {}
+    for name, backend in backends.items():
+        recipe.torchcompile = backend
+        runner, _ = wrap_for_training(model, recipe, DistInfo(device=device))   # compiled as train.py compiles
+        steps[name] = (TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
+                                 probe.token_size if probe else label_token_size(model)), optimizer)
+    return steps
 
 
 def bench_zoo(args, device):
@@ -431,19 +441,17 @@ def bench_zoo(args, device):
             recipe.batch_size = min(recipe.batch_size, args.zoo_batch_size)
         num_classes = recipe.num_classes or 1000
         row = {'model': recipe.model, 'method': recipe.mix_method, 'batch': recipe.batch_size}
-        steps = {}
-        for mode in ('eager', 'compiled'):
-            torch.manual_seed(0)
-            model = build_model(recipe, num_classes)
-            size = resolve_data_config(vars(recipe), model=model)['input_size'][-1]
-            backend = args.compile_backend if mode == 'compiled' else None
-            step, optimizer, _ = recipe_step(recipe, model, num_classes, size, device, backend)
+        torch.manual_seed(0)
+        model = build_model(recipe, num_classes)
+        size = resolve_data_config(vars(recipe), model=model)['input_size'][-1]
+        steps = recipe_steps(recipe, model, num_classes, size, device,
+                             {'eager': None, 'compiled': args.compile_backend})
+        for mode, (step, optimizer) in steps.items():
             sync(device)
             start = time.perf_counter()
             step.warm_up(optimizer, args.step_warmup)   # compiles every graph the method's steps need
             sync(device)
             row[f'{mode} warm-up s'] = time.perf_counter() - start
-            steps[mode] = (step, optimizer)
         row['img_size'] = size
         medians, peak = time_interleaved(steps, args, device)
         for mode in steps:

@@ -252,3 +252,28 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_line(monkeypatch):
     with pytest.raises(training.ConfigError, match="--grad-checkpointing: model 'linear' cannot recompute"):
         training.build_model(Namespace(model='linear', model_kwargs={}, drop=0.0, drop_path=0.0, img_size=None,
                                        grad_checkpointing=True), 3)
+
+
+def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_attention(monkeypatch):
+    """The probe's hook sits inside a checkpointed block: compiled as train.py compiles (wrap_for_training),
+    the forward stays one graph on steps that read the attention, and the attention is captured."""
+    from torch._dynamo.utils import counters
+    from mixpro import AttentionProbe
+    from mixpro.distributed import DistInfo
+    monkeypatch.setattr(torch._dynamo.config, 'skip_fwd_side_effects_in_bwd_under_checkpoint', False)
+    torch._dynamo.reset()
+    counters.clear()
+    model = training.build_model(_model_args('deit_tiny_patch16_224', grad_checkpointing=True), 5).train()
+    probe = AttentionProbe(model)
+    args = Namespace(torchcompile='aot_eager', grad_checkpointing=True)
+    compiled, _ = training.wrap_for_training(model, args, DistInfo())
+    x = torch.randn(2, 3, 224, 224)
+    for _ in range(2):
+        probe.enabled = True
+        logits = compiled(x)
+        probe.enabled = False            # as the engine does before the backward
+        assert probe.attention is not None and probe.attention.shape == (2, 196)
+        logits.sum().backward()
+        probe.attention = None
+    assert sum(counters['graph_break'].values()) == 0, dict(counters['graph_break'])
+    torch._dynamo.reset()

@@ -222,3 +222,14 @@ def test_state_dict_resumes_the_random_stream():
     resumed = Mixer('mixpro', num_classes=K, mask_cell=32, seed=99)
     resumed.load_state_dict(reference.state_dict())
     assert_same_steps(run_steps(reference), run_steps(resumed))
+
+
+@pytest.mark.parametrize('lam', [torch.tensor([0.25, 0.75], dtype=torch.bfloat16), torch.tensor(0.5)],
+                         ids=['bf16_per_sample', 'one_scalar'])
+def test_mix_target_is_fp32_whatever_the_lambda_s_dtype_and_shape(lam):
+    from mixpro.targets import mix_target, smoothed_one_hot
+    y, partner = torch.tensor([0, 1]), torch.tensor([1, 2])
+    target = mix_target(y, partner, lam, 3, 0.1)
+    weight = lam.float().expand(2).view(-1, 1)
+    expected = weight * smoothed_one_hot(y, 3, 0.1) + (1 - weight) * smoothed_one_hot(partner, 3, 0.1)
+    assert target.dtype == torch.float32 and torch.allclose(target, expected, atol=1e-6)
