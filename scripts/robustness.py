@@ -6,7 +6,8 @@
     python scripts/robustness.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet \\
         --occlusion 0.5 --output deit_s.csv
 
-One row per checkpoint; columns: clean top-1, top-1 at every --occlusion ratio (default 0.1 … 0.9, the
+One row per checkpoint; columns: clean top-1, ImageNet-ReaL top-1 with --real-labels [FILE] (validate.py's
+option, on the clean images), top-1 at every --occlusion ratio (default 0.1 … 0.9, the
 information-loss axis of TransMix's occlusion study), ImageNet-A and ImageNet-R top-1 (over their 200
 classes) where their folders are given. FILE is markdown, or CSV when it ends in .csv; FILE with .png is
 a plot of top-1 against the occlusion ratio. The table is rewritten after each checkpoint. Every other
@@ -61,14 +62,15 @@ def _label(source: str, sources) -> str:
 
 
 def columns(own) -> list:
-    return (['clean'] + [f'occlusion {r:g}' for r in own.occlusion] +
+    return (['clean'] + (['ReaL'] if own.real_labels else []) + [f'occlusion {r:g}' for r in own.occlusion] +
             (['ImageNet-A'] if own.imagenet_a else []) + (['ImageNet-R'] if own.imagenet_r else []))
 
 
 def to_markdown(table: list, names: list) -> str:
     lines = ['| checkpoint | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
     for label, values in table:
-        lines.append(f'| {label} | ' + ' | '.join(f'{values[n]:.2f}' if n in values else '' for n in names) + ' |')
+        lines.append(f'| {label} | ' + ' | '.join(f'{values[n]:.2f}' if values.get(n) is not None else ''
+                                                  for n in names) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -77,7 +79,7 @@ def to_csv(table: list, names: list) -> str:
     writer = csv.writer(text)
     writer.writerow(['checkpoint', *names])
     for label, values in table:
-        writer.writerow([label, *(f'{values[n]:.4f}' if n in values else '' for n in names)])
+        writer.writerow([label, *(f'{values[n]:.4f}' if values.get(n) is not None else '' for n in names)])
     return text.getvalue()
 
 
@@ -98,12 +100,13 @@ def subset_args(base, folder: str, subset: str):
     args = copy.copy(base)
     folder = Path(folder).resolve()
     args.data_dir, args.split, args.class_subset = str(folder.parent), folder.name, subset
+    args.real_labels = None   # ReaL labels the ImageNet val images only
     return args
 
 
 def main(argv=None):
     own, base = parse_args(argv)
-    own.occlusion_patch = base.occlusion_patch
+    own.occlusion_patch, own.real_labels = base.occlusion_patch, base.real_labels
     dist_info = init_distributed(base.device)
     table = []
     try:
@@ -113,6 +116,8 @@ def main(argv=None):
             values = {}
             rows = evaluate_loaded(base, loaded, dist_info, [0.0, *own.occlusion])
             values['clean'] = rows[0]['top1']
+            if own.real_labels:   # None where no image has a ReaL label: an empty cell
+                values['ReaL'] = rows[0]['real_top1']
             values.update({f'occlusion {r:g}': row['top1'] for r, row in zip(own.occlusion, rows[1:])})
             for folder, subset, name in ((own.imagenet_a, 'imagenet-a', 'ImageNet-A'),
                                          (own.imagenet_r, 'imagenet-r', 'ImageNet-R')):

@@ -192,3 +192,19 @@ def test_refused_options_and_files_are_one_line(fake_imagenet, tmp_path):
     (tmp_path / 'range.json').write_text('[[1], [1000]]')
     one_line_error(argv(data_dir, weights, tmp_path / 'range.json'), r'--real-labels .*range.json: entry 2 .*0…999')
     one_line_error(argv(data_dir, weights, tmp_path / 'missing.json'), r'--real-labels .*missing.json: cannot be read')
+
+
+def test_the_robustness_report_has_a_real_column_for_the_clean_images(fake_imagenet, tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+    import robustness
+    data_dir, labels, weights = fake_imagenet
+    out = tmp_path / 'report.md'
+    table = robustness.main([str(weights), *SMALL, '--data-dir', str(data_dir), '--batch-size', '3',
+                             '--occlusion', '0.5', '--real-labels', str(labels), '--output', str(out)])
+    values = table[0][1]
+    assert values['clean'] == 100 * 3 / 8 and values['ReaL'] == pytest.approx(100 * 2 / 6)
+    header, _, row = out.read_text().splitlines()
+    assert header == '| checkpoint | clean | ReaL | occlusion 0.5 |'
+    assert row.startswith('| fixed.pth | 37.50 | 33.33 | ')
