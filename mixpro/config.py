@@ -153,6 +153,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--experiment', default=None, help='run folder name (default: the config file name)')
     group.add_argument('--resume', default='auto', help="'auto' (run folder's last checkpoint), a path, or 'none'")
     group.add_argument('--checkpoint-hist', type=int, default=3, help='best checkpoints kept')
+    group.add_argument('--recovery-interval', type=int, default=0,
+                       help='also save a resumable state every N steps within an epoch (interrupted.pth.tar), so '
+                            'a hard crash (node failure, kill -9) loses at most N steps; 0: at epoch ends and on '
+                            'stop signals only')
     group.add_argument('--log-interval', type=int, default=50)
     group.add_argument('--image-grid-interval', type=int, default=10,
                        help='epochs between TensorBoard grids of mixed samples (0 = never)')
@@ -298,6 +302,7 @@ VALUE_RULES = {
     **dict.fromkeys(['epochs', 'batch_size', 'validation_batch_size', 'grad_accum_steps', 'checkpoint_hist',
                      'lr_base_size', 'mask_cell', 'img_size', 'recount'], _AT_LEAST_1),
     **dict.fromkeys(['workers', 'mixup', 'cutmix', 'maskmix_alpha', 'warmup_epochs', 'min_lr', 'log_interval',
+                     'recovery_interval',
                      'image_grid_interval', 'aug_repeats', 'mixup_off_epoch'], _AT_LEAST_0),
     **dict.fromkeys(['lr', 'lr_base', 'clip_grad'], _POSITIVE),
     **dict.fromkeys(['reprob', 'mixup_prob', 'mixup_switch_prob', 'maskmix_prob', 'smoothing', 'pal_smoothing',

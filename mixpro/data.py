@@ -349,6 +349,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_workers(*loaders) -> None:
+    """End the persistent worker processes of these loaders (None is skipped) now. The workers ignore the
+    stop signals, so they must be ended by their loader: after an exception the traceback keeps the loaders
+    alive, and the interpreter's exit (multiprocessing sends its daemon children SIGTERM, then joins them)
+    would wait for them forever, holding the job's GPUs until its time limit."""
+    for loader in loaders:
+        loader = getattr(loader, 'loader', loader)          # timm's PrefetchLoader wraps the DataLoader
+        iterator = getattr(loader, '_iterator', None)        # where torch keeps persistent workers (private)
+        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def _worker_options(workers: int, pin_memory: bool, device) -> dict:
     """DataLoader worker settings shared by both loaders. Workers are started once (persistent) from a
     forkserver: forking the training process, which runs threads (TensorBoard's writer, the loaders'

@@ -132,10 +132,12 @@ class _LoaderClock:
 
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,
                     ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False,
-                    start_step=0, partial_means=None, stop=None):
+                    start_step=0, partial_means=None, stop=None, recovery=None):
     """Train for one epoch, from ``start_step`` when an interrupted epoch is resumed; returns
     ``(metrics, num_updates)``. With a ``stop`` request it ends early after an optimizer step:
-    ``metrics['steps_done']`` is then below ``metrics['steps']``.
+    ``metrics['steps_done']`` is then below ``metrics['steps']``. ``recovery(steps_done, partial_means)``,
+    where given, saves a resumable state after an optimizer step every ``args.recovery_interval`` steps
+    (never after a non-finite loss: the check runs first, on every rank).
 
     The step log line shows the mean data wait and compute per step since the previous log line (and the
     peak memory of the epoch so far on CUDA); ``metrics`` has this rank's epoch totals ``data_wait_s``
@@ -154,6 +156,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
         torch.cuda.reset_peak_memory_stats(device)
     last_log = time.perf_counter()
     data_at_log, step_at_log = 0.0, start_step
+    recovered_at = start_step
     for i, (x, y) in enumerate(clock.timed(loader), start=start_step):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x, target = mixer(x, y)
@@ -208,6 +211,10 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
                   f'loss {means.mean("loss"):.4f} lr {current_lr(optimizer):.3e} '
                   f'{rate:.0f} img/s data {data_ms:.1f} ms compute {compute_ms:.1f} ms{memory} '
                   f'eta {format_eta(eta)}', flush=True)
+        if recovery is not None and update and i + 1 < steps and i + 1 - recovered_at >= args.recovery_interval:
+            watch.check(epoch, steps, current_lr(optimizer))
+            recovery(i + 1, means.state_dict())
+            recovered_at = i + 1
         if update and stop is not None and i + 1 < steps and stop.requested():
             steps_done = i + 1
             break

@@ -4,6 +4,7 @@ import random
 import re
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +20,7 @@ from timm.utils import ModelEmaV3
 from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
 from .data import (build_dataset, class_index_of, dataset_size, eval_loader, is_stream, num_classes_of,
-                   set_loader_epoch, train_loader)
+                   set_loader_epoch, stop_workers, train_loader)
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import current_lr, evaluate, train_one_epoch, updates_per_epoch
 from .finetune import load_initial_weights
@@ -127,7 +128,7 @@ def build_optimizer(model, args, lr: float):
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'channels_last', 'grad_checkpointing',
+                     'checkpoint_hist', 'torchcompile', 'channels_last', 'grad_checkpointing', 'recovery_interval',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 
@@ -339,6 +340,7 @@ def run(args) -> dict:
     device, primary = dist_info.device, dist_info.is_primary
     run_dir = Path(args.output) / args.experiment
     lock, stop, logger = RunLock(run_dir), None, None
+    loader = val_loader = None
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
         train_set, val_set, class_to_idx = load_datasets(args, dist_info)
@@ -421,6 +423,11 @@ def run(args) -> dict:
             return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
                                   num_classes, class_to_idx, evals) if primary else None
 
+        def recovery_save(epoch, steps_done, partial_means):   # every rank, at the same step
+            saved = checkpoint(epoch, (epoch, steps_done), partial_means=partial_means)
+            if primary:
+                keeper.save_interrupted(saved)
+
         # the mixer's targets are dense and already smoothed: timm's BCE takes dense targets as given
         loss_fn = BinaryCrossEntropy(smoothing=0.0) if args.bce_loss else SoftTargetCrossEntropy()
         result = {}
@@ -436,7 +443,7 @@ def run(args) -> dict:
                 scaler=scaler, ema=ema, scheduler=scheduler, num_updates=num_updates, args=args,
                 world_size=dist_info.world_size, is_primary=primary, keep_samples=grid_epoch,
                 start_step=first_step, partial_means=resumed_rank.get('partial_means') if first_step else None,
-                stop=stop)
+                stop=stop, recovery=partial(recovery_save, epoch) if args.recovery_interval else None)
             if train_metrics['steps_done'] < train_metrics['steps']:    # asked to stop: save where we are
                 saved = checkpoint(epoch, (epoch, train_metrics['steps_done']),
                                    partial_means=train_metrics['partial_means'])
@@ -473,6 +480,7 @@ def run(args) -> dict:
             print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
         return result
     finally:
+        stop_workers(loader, val_loader)   # also after an exception: exit would wait on them forever
         if stop is not None:
             stop.uninstall()
         if logger is not None:

@@ -16,7 +16,7 @@ from timm.data.readers.class_map import load_class_map
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError
-from .data import build_dataset, eval_loader, num_classes_of
+from .data import build_dataset, eval_loader, num_classes_of, stop_workers
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
 from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
@@ -237,25 +237,28 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     if dist_info.is_primary:
         print(f'evaluating {loaded.source}, precision: {precision_note}', flush=True)
     rows = []
-    for ratio in ratios:
-        batches = OccludedBatches(loader, ratio, data_config['mean'], data_config['std'],
-                                  args.occlusion_patch, args.occlusion_seed)
-        if isinstance(model, RealLabelScorer):
-            batches = model.batches(batches, loader.sampler)
-        metrics = evaluate(model, batches, dist_info.device, amp)
-        row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
-               'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
-               'samples': metrics['count'], 'top1': metrics['top1'], 'top5': metrics['top5'],
-               'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
-        real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
-        row.update(real or {})
-        rows.append(row)
-        if dist_info.is_primary:
-            occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
-            subset = f' [{args.class_subset}]' if args.class_subset else ''
-            print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
-                  f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
-                  f"({metrics['count']} images){_real_summary(real)}", flush=True)
+    try:
+        for ratio in ratios:
+            batches = OccludedBatches(loader, ratio, data_config['mean'], data_config['std'],
+                                      args.occlusion_patch, args.occlusion_seed)
+            if isinstance(model, RealLabelScorer):
+                batches = model.batches(batches, loader.sampler)
+            metrics = evaluate(model, batches, dist_info.device, amp)
+            row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
+                   'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
+                   'samples': metrics['count'], 'top1': metrics['top1'], 'top5': metrics['top5'],
+                   'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
+            real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
+            row.update(real or {})
+            rows.append(row)
+            if dist_info.is_primary:
+                occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
+                subset = f' [{args.class_subset}]' if args.class_subset else ''
+                print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
+                      f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
+                      f"({metrics['count']} images){_real_summary(real)}", flush=True)
+    finally:
+        stop_workers(loader)   # also after an exception: exit would wait on them forever
     return rows
 
 

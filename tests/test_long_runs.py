@@ -102,6 +102,83 @@ def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, m
     assert not (run_dir / 'interrupted.pth.tar').exists()
 
 
+def test_recovery_saves_survive_a_hard_crash_and_the_resumed_run_is_bit_exact(data_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--recovery-interval 2: a resumable state after steps 2 of every epoch, so a crash (no signal, no
+    save of its own) at epoch 1 step 4 resumes from step 2 and ends as the run that never crashed."""
+    from mixpro.mixer import Mixer
+    extra = ('--workers', '2', '--model-ema', '--model-ema-decay', '0.9')
+    train.main(train_args(data_dir, tmp_path, 'straight', 'mixpro', 2, *extra))
+    straight = _load(tmp_path / 'straight' / 'last.pth.tar')
+
+    args = train_args(data_dir, tmp_path, 'crashed', 'mixpro', 2, *extra, '--recovery-interval', '2')
+    real, calls = Mixer.__call__, {'n': 0}
+
+    def crashing(self, x, y):
+        calls['n'] += 1
+        if calls['n'] == STEPS + 4:                                     # epoch 1, step 4 of 4
+            raise RuntimeError('node lost')
+        return real(self, x, y)
+    monkeypatch.setattr(Mixer, '__call__', crashing)
+    with pytest.raises(RuntimeError, match='node lost'):
+        train.main(args)
+    run_dir = tmp_path / 'crashed'
+    assert _load(run_dir / 'interrupted.pth.tar')['resume_at'] == [1, 2]
+    assert _load(run_dir / 'last.pth.tar')['epoch'] == 0
+
+    monkeypatch.undo()
+    train.main(args)                                                     # --resume auto
+    out = capsys.readouterr().out
+    assert 'resumed from' in out and 'interrupted.pth.tar at epoch 1 step 2' in out
+    resumed = _load(run_dir / 'last.pth.tar')
+    assert not (run_dir / 'interrupted.pth.tar').exists()                # superseded by the epoch's end
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after the crash and resume'
+    assert read_summary(run_dir) == read_summary(tmp_path / 'straight')
+
+
+def test_a_crash_with_workers_exits_instead_of_waiting_on_them(data_dir, tmp_path):
+    """The workers ignore stop signals; after an exception the interpreter's exit used to wait on them
+    forever (a crashed cluster job then held its GPUs until the time limit)."""
+    script = tmp_path / 'crash.py'
+    script.write_text(
+        'import sys\n'
+        f'sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]\n'
+        'import train\n'
+        'from conftest import train_args\n'
+        'from mixpro.mixer import Mixer\n'
+        'calls = {"n": 0}\n'
+        'real = Mixer.__call__\n'
+        'def crashing(self, x, y):\n'
+        '    calls["n"] += 1\n'
+        '    if calls["n"] == 3:\n'
+        '        raise RuntimeError("node lost")\n'
+        '    return real(self, x, y)\n'
+        'Mixer.__call__ = crashing\n'
+        'if __name__ == "__main__":\n'
+        f'    train.main(train_args({str(data_dir)!r}, {str(tmp_path)!r}, "crash", "mixpro", 1, "--workers", "2"))\n')
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and 'RuntimeError: node lost' in done.stderr, done.stderr[-2000:]
+
+
+def test_a_recovery_save_never_holds_non_finite_weights(data_dir, tmp_path, monkeypatch):
+    class NanAtStepFive(SoftTargetCrossEntropy):
+        calls = 0
+
+        def forward(self, x, target):
+            NanAtStepFive.calls += 1
+            loss = super().forward(x, target)
+            return loss * float('nan') if NanAtStepFive.calls == STEPS + 1 else loss
+    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStepFive)
+    with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 1/4'):
+        train.main(train_args(data_dir, tmp_path, 'nan', 'mixpro', 2, '--recovery-interval', '1',
+                              '--log-interval', '0'))
+    run_dir = tmp_path / 'nan'
+    assert not (run_dir / 'interrupted.pth.tar').exists()
+    assert _load(run_dir / 'last.pth.tar')['epoch'] == 0
+
+
 # ---- 4. classes ---------------------------------------------------------------------------------
 @pytest.fixture
 def own_data(tmp_path):
