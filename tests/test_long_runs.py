@@ -83,15 +83,20 @@ def test_a_signal_to_the_command_line_saves_and_exits_128_plus_it(data_dir, tmp_
 
 
 # ---- 3. non-finite loss -------------------------------------------------------------------------
-def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, monkeypatch):
-    class NanAtStepSix(SoftTargetCrossEntropy):
+def nan_loss_at(monkeypatch, step: int) -> None:
+    """The training loss of the ``step``-th step (counted over epochs, from 1) becomes NaN."""
+    class NanAtStep(SoftTargetCrossEntropy):
         calls = 0
 
         def forward(self, x, target):
-            NanAtStepSix.calls += 1
+            NanAtStep.calls += 1
             loss = super().forward(x, target)
-            return loss * float('nan') if NanAtStepSix.calls == STEPS + 2 else loss
-    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStepSix)
+            return loss * float('nan') if NanAtStep.calls == step else loss
+    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStep)
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, monkeypatch):
+    nan_loss_at(monkeypatch, STEPS + 2)
     with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 2/4'):
         train.main(train_args(data_dir, tmp_path, 'nan', 'transmix', 3))
     run_dir = tmp_path / 'nan'
@@ -163,14 +168,7 @@ def test_a_crash_with_workers_exits_instead_of_waiting_on_them(data_dir, tmp_pat
 
 
 def test_a_recovery_save_never_holds_non_finite_weights(data_dir, tmp_path, monkeypatch):
-    class NanAtStepFive(SoftTargetCrossEntropy):
-        calls = 0
-
-        def forward(self, x, target):
-            NanAtStepFive.calls += 1
-            loss = super().forward(x, target)
-            return loss * float('nan') if NanAtStepFive.calls == STEPS + 1 else loss
-    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStepFive)
+    nan_loss_at(monkeypatch, STEPS + 1)
     with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 1/4'):
         train.main(train_args(data_dir, tmp_path, 'nan', 'mixpro', 2, '--recovery-interval', '1',
                               '--log-interval', '0'))
