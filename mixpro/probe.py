@@ -5,8 +5,9 @@ token and, only when switched on, reads that layer's keys from the projection's 
 the class token's query row in fp32 and returns ``softmax(q_cls · kᵀ · scale)`` in fp32, mean over
 heads, patch-token columns only, detached. Under half-precision autocast on CUDA the scaled query is
 rounded to the keys' dtype and the products are accumulated and returned in fp32, as the model's own
-fused attention forms them; elsewhere the keys are converted to fp32. Every layer keeps timm's fused attention, and nothing is
-forked; the extra work is one query row and one attention row, O(N·C) per sample.
+fused attention forms them; elsewhere the keys are converted to fp32. Every layer keeps timm's fused
+attention, and nothing is forked; the extra work is one query row and one attention row, O(N·C) per
+sample.
 
     probe = AttentionProbe(model)      # attach once, before torch.compile / DDP / EMA copies
     probe.enabled = True               # per step: only where a label needs it

@@ -17,7 +17,7 @@ def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 
 
 def mix_target(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
                num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """``lam * y + (1 - lam) * y_partner`` per sample, both smoothed. ``lam`` is ``[B]``.
+    """``lam * y + (1 - lam) * y_partner`` per sample, both smoothed, fp32. ``lam`` is ``[B]`` (or one value).
 
     Built as the smoothing floor plus each image's share of the one-hot step added at its label: the
     same sum as two mixed one-hot matrices, in five tensor operations instead of eight (each one is a

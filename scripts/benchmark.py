@@ -412,13 +412,13 @@ def recipe_steps(recipe, model, num_classes, size, device, backends):
     ``model``, its probe (attached before compiling, as train.py does) and one optimizer, so that one
     model's weights and optimizer state are in memory."""
     from mixpro.distributed import DistInfo
-    from mixpro.training import NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, wrap_for_training
+    from mixpro.training import (NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, mixed_precision,
+                                 wrap_for_training)
     model.to(device).train()
     probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
     x = torch.randn(recipe.batch_size, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16 if recipe.amp_dtype == 'bfloat16' else torch.float16) \
-        if recipe.amp else nullcontext()
+    amp, _ = mixed_precision(recipe, device, primary=False)   # the step is timed without a GradScaler
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = {}
     for name, backend in backends.items():
