@@ -36,6 +36,7 @@ from timm.utils.misc import natural_key
 
 from .config import ConfigError
 from .distributed import DistInfo
+from .skipped import name_skipped_files
 
 _IMAGE_EXTENSIONS = get_img_extensions(as_set=True)
 
@@ -108,7 +109,7 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
                              class_map=dict(class_to_idx))
     if len(dataset) == 0:
         raise ConfigError(f'{root} holds no images')
-    return dataset
+    return name_skipped_files(dataset)
 
 
 # timm dataset prefixes read as streams that this trainer does not take: resuming mid-epoch and exact DDP

@@ -230,6 +230,35 @@ def test_class_map_file_sets_labels_and_selects_classes(own_data, tmp_path):
                     str(own_data / 'bad.txt')])
 
 
+def _truncate(image: Path) -> Path:
+    data = image.read_bytes()
+    image.write_bytes(data[:len(data) // 2])               # a copy that stopped half way
+    return image
+
+
+def test_a_truncated_image_is_named_in_the_skip_warning(own_data, caplog):
+    broken = _truncate(own_data / 'train' / 'class1' / '1.png')
+    train_set = image_folder(own_data, 'train', is_training=True)
+    for index in range(len(train_set)):
+        train_set[index]
+    skips = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+    assert len(skips) == 1 and str(broken) in skips[0] and 'truncated' in skips[0], skips
+
+
+def test_a_loader_worker_names_the_truncated_image(own_data):
+    """Workers start from the forkserver and unpickle the dataset: the naming must travel with it."""
+    broken = _truncate(own_data / 'val' / 'class2' / '0.png')
+    script = ('import torch, sys\n'
+              'from mixpro.data import image_folder, _worker_options\n'
+              'dataset = image_folder(sys.argv[1], "val", is_training=False)\n'
+              'options = _worker_options(1, False, torch.device("cpu"))\n'
+              'for _ in torch.utils.data.DataLoader(dataset, collate_fn=list, **options): pass\n')
+    run = subprocess.run([sys.executable, '-c', script, str(own_data)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f'skipped unreadable image {broken}' in run.stderr, run.stderr
+
+
 # ---- 5. one run per folder ----------------------------------------------------------------------
 def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(data_dir, tmp_path, capsys):
     run_dir = tmp_path / 'run'
