@@ -140,6 +140,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help='label smoothing of the PAL target (official MixPro: none)')
     group.add_argument('--pal-detach-alpha', action=flag, default=True,
                        help='stop gradients through PAL alpha (official code: --no-pal-detach-alpha)')
+    group.add_argument('--compile-mixer', nargs='?', const='inductor', default=None,
+                       help="torch.compile MaskMix's composition (off the CPU) and the PAL label into a few "
+                            'fused kernels each (bare flag: inductor); the random draws stay eager')
 
     group = parser.add_argument_group('EMA, precision, run')
     group.add_argument('--model-ema', action=flag, default=False)

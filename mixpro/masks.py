@@ -95,9 +95,11 @@ def mix_cells(x: torch.Tensor, cells: torch.Tensor, partner: torch.Tensor, geome
     source = units_to_grid(torch.where(cell_units(cells, g.cell // u), g.samples.view(-1, 1, 1, 1, 1),
                                        partner.view(-1, 1, 1, 1, 1)), rows, cols)   # [B, rows, cols]
     x = x.contiguous()
+    blocks_in = x.view(b, c, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5)
+    if torch.compiler.is_compiling():   # functional: the compiler writes the gather and the layout in one pass
+        return blocks_in[source, g.block_rows, g.block_cols].permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    blocks_in = x.view(b, c, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5)
     blocks_out = out.view(b, c, rows, u, cols, u).permute(0, 2, 4, 1, 3, 5)
     torch.ops.aten.index.Tensor_out(blocks_in, [source, g.block_rows, g.block_cols], out=blocks_out)
     return out

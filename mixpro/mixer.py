@@ -104,10 +104,14 @@ class Mixer:
         pal_smoothing: label smoothing of the final PAL target (official: none).
         pal_detach_alpha: stop gradients through PAL's α (official code lets them flow).
         seed: seeds both the host and the device generators; use a different one per rank.
+        compile_backend: compile MaskMix's one-gather composition (the accelerators' path) and the PAL
+            label with this ``torch.compile`` backend (e.g. ``'inductor'``), each into a few fused kernels
+            instead of tens of small ones; the random draws stay eager. None runs everything eagerly.
     """
 
-    # MaskMix on the CPU copies the partner's cells into x (mix_cells_in_place: one host sync, free there);
-    # elsewhere, and with this off, one gather over a block view writes a new tensor (mix_cells: no sync)
+    # MaskMix on the CPU copies the partner's cells into x (mix_cells_in_place: one host sync, free there;
+    # never compiled); elsewhere, and with this off, one gather over a block view writes a new tensor
+    # (mix_cells: no sync), which compile_backend compiles
     cpu_in_place = True
 
     def __init__(self, method: str = 'mixpro', num_classes: int = 1000, label_smoothing: float = 0.1,
@@ -115,7 +119,7 @@ class Mixer:
                  mix_prob: float = 1.0, maskmix_prob: float = 0.5, maskmix_alpha: float = 1.0,
                  mask_cell: int = 64, token_size: int = 16, maskmix_lam: str = 'exact',
                  membership: str = 'area', pal_smoothing: float = 0.0, pal_detach_alpha: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, compile_backend: Optional[str] = None):
         _check_choice('method', method, METHODS)
         _check_choice('maskmix_lam', maskmix_lam, ('exact', 'cells'))
         _check_choice('membership', membership, ('area', 'nearest'))
@@ -154,6 +158,15 @@ class Mixer:
         self._device_generators = {}
         self._geometry: Optional[CellGeometry] = None   # MaskMix constants of the last batch shape
         self.last: Optional[MixStep] = None
+        self.compile_backend = compile_backend
+        self._compose, self._pal_from_cells = compose_maskmix, pal_from_cells
+        if compile_backend:   # compiled on first use; fullgraph: a graph break would be slower than eager
+            try:
+                self._compose, self._pal_from_cells = (
+                    torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False)
+                    for fn in (compose_maskmix, pal_from_cells))
+            except RuntimeError as err:   # dynamo's InvalidBackend
+                raise ValueError(f'compile_backend {compile_backend!r}: {err}') from err
 
     # ---- randomness -------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -200,7 +213,7 @@ class Mixer:
         batch, _, height, width = x.shape
         keep, relabel, cells = None, None, None
         if kind == 'maskmix':
-            x, cells, partner, lam_area = self._maskmix(x)
+            x, cells, partner, lam_area, partner_labels, area_target = self._maskmix(x, y)
             relabel = 'pal' if self.method == 'mixpro' else None
         else:
             # timm pairs sample i with sample B-1-i for Mixup and CutMix; MaskMix uses a permutation.
@@ -218,9 +231,8 @@ class Mixer:
                 if self.method == 'transmix':
                     keep, relabel = box_keep_mask(box, height, width, device=x.device), 'transmix'
             lam_area = torch.full((batch,), lam, device=x.device)
-
-        partner_labels = y[partner]
-        area_target = mix_target(y, partner_labels, lam_area, self.num_classes, self.label_smoothing)
+            partner_labels = y[partner]
+            area_target = mix_target(y, partner_labels, lam_area, self.num_classes, self.label_smoothing)
         self.last = MixStep(kind, y, partner, lam_area, area_target, keep, relabel, cells=cells,
                             mask_cell=self.mask_cell, image_size=(height, width), partner_labels=partner_labels)
         return x, area_target
@@ -230,7 +242,8 @@ class Mixer:
             self._geometry = CellGeometry(batch, height, width, self.mask_cell, device)
         return self._geometry
 
-    def _maskmix(self, x: torch.Tensor):
+    def _maskmix(self, x: torch.Tensor, y: torch.Tensor):
+        """The random draws (keep ratio, cells, partners), then ``compose_maskmix``."""
         batch, _, height, width = x.shape
         geometry = self._cell_geometry(batch, height, width, x.device)
         total = geometry.grid[0] * geometry.grid[1]
@@ -238,20 +251,12 @@ class Mixer:
         generator = self._generator(x.device)
         cells = maskmix_cells(batch, geometry.grid, n_keep, generator)
         partner = torch.randperm(batch, generator=generator, device=x.device)
-        # a sample the permutation pairs with itself keeps its whole image: say so in its cells (its
-        # lam_area, keep mask and token membership are then 1, as its pixels are)
-        unmoved = partner == geometry.samples
-        cells |= unmoved.view(-1, 1, 1)
-        if x.device.type == 'cpu' and self.cpu_in_place:
-            x = mix_cells_in_place(x, cells, partner, geometry)
-        else:
-            x = mix_cells(x, cells, partner, geometry)
-        if self.maskmix_lam == 'exact':
-            lam_area = cells.flatten(1).float() @ geometry.area
-        else:
-            lam_area = torch.full((batch,), n_keep / total, device=x.device)
-        lam_area.masked_fill_(unmoved, 1.0)
-        return x, cells, partner, lam_area
+        counted = None if self.maskmix_lam == 'exact' else torch.full((batch,), n_keep / total, device=x.device)
+        in_place = x.device.type == 'cpu' and self.cpu_in_place   # syncs once: eager only, and faster there
+        compose = compose_maskmix if in_place else self._compose
+        x, cells, lam_area, partner_labels, area_target = compose(
+            x, y, cells, partner, geometry, self.num_classes, self.label_smoothing, counted, in_place)
+        return x, cells, partner, lam_area, partner_labels, area_target
 
     # ---- after the forward pass -------------------------------------------------------------
     def relabel(self, logits: torch.Tensor, attention: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -274,21 +279,53 @@ class Mixer:
                 f'attention has {attention.shape[1]} tokens but a {height}x{width} image cut into '
                 f'token_size={self.token_size} px tokens does not give that grid; set token_size to the '
                 f'token size of the attention grid (probe.token_size)')
-        if step.cells is not None:
-            # MaskMix cells are whole tokens: the membership is the cell mask on the token grid (the
-            # same 0/1 values, area or nearest, as pooling the pixel mask, without building it)
-            units = cell_units(step.cells, self.mask_cell // self.token_size).float()
-            membership = units_to_grid(units, height // self.token_size, width // self.token_size).flatten(1)
+        if step.cells is not None:   # MaskMix + PAL, the MixPro step
+            target, lam_attn, alpha = self._pal_from_cells(
+                logits, attention, step.cells, self.mask_cell // self.token_size, height // self.token_size,
+                width // self.token_size, step.labels, step.partner_labels, step.lam_area, step.area_target,
+                self.num_classes, self.pal_smoothing, self.pal_detach_alpha)
         else:
             membership = token_membership(step.keep, self.token_size, self.membership)
-        lam_attn = attention_lambda(membership, attention)
-        partner_labels = step.partner_labels
-        if step.relabel == 'transmix':
-            lam = transmix_lambda(step.lam_area, lam_attn)
-            target = mix_target(step.labels, partner_labels, lam, self.num_classes, self.label_smoothing)
-        else:
-            lam, alpha = pal_lambda(logits, step.area_target, step.lam_area, lam_attn, self.pal_detach_alpha)
-            target = mix_target(step.labels, partner_labels, lam, self.num_classes, self.pal_smoothing)
-            step.alpha = alpha.detach()
+            lam_attn = attention_lambda(membership, attention)
+            if step.relabel == 'transmix':
+                lam, alpha = transmix_lambda(step.lam_area, lam_attn), None
+                smoothing = self.label_smoothing
+            else:
+                lam, alpha = pal_lambda(logits, step.area_target, step.lam_area, lam_attn, self.pal_detach_alpha)
+                smoothing = self.pal_smoothing
+            target = mix_target(step.labels, step.partner_labels, lam, self.num_classes, smoothing)
         step.lam_attn = lam_attn.detach()
+        step.alpha = None if alpha is None else alpha.detach()
         return target
+
+
+def compose_maskmix(x, labels, cells, partner, geometry: CellGeometry, num_classes: int, smoothing: float,
+                    lam_area: Optional[torch.Tensor] = None, in_place: bool = False):
+    """MaskMix after its random draws, one function so that ``torch.compile`` can fuse it whole.
+
+    ``x[b]`` shows its ``cells[b]`` and ``x[partner[b]]`` elsewhere; a sample the permutation pairs with
+    itself keeps its whole image, and its cells say so (its lam_area, keep mask and token membership are
+    then 1, as its pixels are). ``lam_area``: given (the official cell count), or None for the exact
+    visible fraction. ``in_place``: the CPU path (``mix_cells_in_place``), else one gather into a new tensor.
+    Returns ``(mixed, cells, lam_area, partner_labels, area_target)``."""
+    unmoved = partner == geometry.samples
+    cells = cells | unmoved.view(-1, 1, 1)
+    mixed = mix_cells_in_place(x, cells, partner, geometry) if in_place else mix_cells(x, cells, partner, geometry)
+    if lam_area is None:
+        lam_area = cells.flatten(1).float() @ geometry.area
+    lam_area = lam_area.masked_fill(unmoved, 1.0)
+    partner_labels = labels[partner]
+    return mixed, cells, lam_area, partner_labels, mix_target(labels, partner_labels, lam_area, num_classes, smoothing)
+
+
+def pal_from_cells(logits, attention, cells, units_per_cell: int, rows: int, cols: int, labels, partner_labels,
+                   lam_area, area_target, num_classes: int, smoothing: float, detach_alpha: bool):
+    """The PAL label of a MaskMix step, one function so that ``torch.compile`` can fuse it whole.
+
+    MaskMix cells are whole tokens: the token membership is the cell mask on the ``rows x cols`` token grid
+    (the same 0/1 values, area or nearest, as pooling the pixel mask, without building it).
+    Returns ``(target, lam_attn, alpha)``."""
+    membership = units_to_grid(cell_units(cells, units_per_cell).float(), rows, cols).flatten(1)
+    lam_attn = attention_lambda(membership, attention)
+    lam, alpha = pal_lambda(logits, area_target, lam_area, lam_attn, detach_alpha)
+    return mix_target(labels, partner_labels, lam, num_classes, smoothing), lam_attn, alpha

@@ -79,7 +79,8 @@ def build_mixer(args, num_classes: int, token_size: int, rank: int) -> Mixer:
                      mix_prob=args.mixup_prob, maskmix_prob=args.maskmix_prob, maskmix_alpha=args.maskmix_alpha,
                      mask_cell=args.mask_cell, token_size=token_size, maskmix_lam=args.maskmix_lam,
                      membership=args.membership, pal_smoothing=args.pal_smoothing,
-                     pal_detach_alpha=args.pal_detach_alpha, seed=args.seed + rank)
+                     pal_detach_alpha=args.pal_detach_alpha, seed=args.seed + rank,
+                     compile_backend=args.compile_mixer)
     except ValueError as err:
         raise ConfigError(f'mixing options: {err}') from err
 
@@ -128,7 +129,8 @@ def build_optimizer(model, args, lr: float):
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'channels_last', 'grad_checkpointing', 'recovery_interval',
+                     'checkpoint_hist', 'torchcompile', 'compile_mixer', 'channels_last', 'grad_checkpointing',
+                     'recovery_interval',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 

@@ -114,6 +114,8 @@ def bench_mixers(args, device):
         one_gather = Mixer('maskmix', **ours_kw)
         one_gather.cpu_in_place = False
         candidates['ours maskmix (one gather)'] = one_gather
+    compiled = compiled_mixers(args.mixer_compile_backend, x, y, logits, attention, ours_kw)
+    candidates.update(compiled)
     steps = {}
     for name, mixer in candidates.items():
         def step(mixer=mixer):
@@ -134,6 +136,10 @@ def bench_mixers(args, device):
     if 'ours maskmix (one gather)' in rows:
         rows['ratio maskmix (one gather) / timm cutmix'] = rows['ours maskmix (one gather)'] / timm_cutmix
     rows['ratio maskmix+PAL+relabel / timm cutmix'] = rows['ours maskmix+PAL (+relabel)'] / timm_cutmix
+    if compiled:
+        rows['ratio maskmix (compiled) / timm cutmix'] = rows['ours maskmix (compiled)'] / timm_cutmix
+        rows['ratio maskmix+PAL+relabel (compiled) / timm cutmix'] = \
+            rows['ours maskmix+PAL (compiled, +relabel)'] / timm_cutmix
     rows['ratio cutmix / timm cutmix'] = rows['ours cutmix'] / timm_cutmix
     rows['ratio mixup / timm mixup'] = rows['ours mixup'] / rows['timm Mixup (mixup mode)']
     rows['ratio memory floor / timm cutmix'] = rows['memory floor (read 2 images, write 1)'] / timm_cutmix
@@ -142,10 +148,44 @@ def bench_mixers(args, device):
     maskmix.cpu_in_place = pal.cpu_in_place = False
     timm_cutmix_mixer = candidates['timm Mixup (cutmix mode)']
     maskmix(x, y), pal(x, y)   # the first call builds the cached constants
-    ops = {'timm Mixup (cutmix mode)': kernel_count(lambda: timm_cutmix_mixer(x, y)),
-           'ours maskmix': kernel_count(lambda: maskmix(x, y)),
-           'ours maskmix+PAL (+relabel)': kernel_count(lambda: (pal(x, y), pal.relabel(logits, attention)))}
+    calls = {'timm Mixup (cutmix mode)': lambda: timm_cutmix_mixer(x, y),
+             'ours maskmix': lambda: maskmix(x, y),
+             'ours maskmix+PAL (+relabel)': lambda: (pal(x, y), pal.relabel(logits, attention))}
+    ops = {name: kernel_count(call) for name, call in calls.items()}
+    if device.type == 'cuda':   # what the GPU really launched, compiled mixers included
+        calls.update({name: steps[name] for name in compiled})
+        ops.update({f'{name}: CUDA kernels launched': cuda_kernel_count(call) for name, call in calls.items()})
     return rows, ops
+
+
+def compiled_mixers(backend, x, y, logits, attention, ours_kw) -> dict:
+    """MaskMix and MaskMix + PAL with ``--compile-mixer`` (compiled here, on a first call): none when
+    ``backend`` is empty or the compiler is not usable (e.g. no C++ compiler for inductor on the CPU)."""
+    if not backend:
+        return {}
+    mixers = {'ours maskmix (compiled)': Mixer('maskmix', compile_backend=backend, **ours_kw),
+              'ours maskmix+PAL (compiled, +relabel)': Mixer('mixpro', maskmix_prob=1.0, compile_backend=backend,
+                                                             **ours_kw)}
+    try:
+        for mixer in mixers.values():
+            mixer.cpu_in_place = False   # the accelerators' composition (the CPU's in-place copy is never compiled)
+            mixer(x.clone(), y)
+            mixer.relabel(logits, attention if mixer.needs_attention else None)
+    except Exception as err:   # the compiler's own errors are many kinds
+        print(f'note: --mixer-compile-backend {backend} failed here, compiled mixers not timed: '
+              f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}', flush=True)
+        return {}
+    return mixers
+
+
+def cuda_kernel_count(fn) -> int:
+    """GPU work items (kernels, copies, fills) one call launches, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def set_fused_attention(model, fused):
@@ -489,6 +529,8 @@ def main():
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds of every candidate')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast for the model forwards and steps')
+    parser.add_argument('--mixer-compile-backend', default='inductor',
+                        help="(a) also time --compile-mixer with this backend ('' = not)")
     parser.add_argument('--models', nargs='+', default=list(MODELS))
     parser.add_argument('--skip-models', action='store_true', help='same as leaving models out of --sections')
     g = parser.add_argument_group('(d) train step')

@@ -17,7 +17,7 @@ python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no C
 
 if [[ $part == core || $part == all ]]; then
     # a failing or missing test run is reported, and the figures are still measured
-    python -m pytest -q -rs tests/test_probe.py -k cuda 2>&1 | tee "$out/cuda_tests.log" || echo "CUDA tests FAILED"
+    python -m pytest -q -rs tests/test_probe.py tests/test_maskmix.py -k cuda 2>&1 | tee "$out/cuda_tests.log" || echo "CUDA tests FAILED"
     python scripts/benchmark.py --device cuda --amp --sections mixers models --json "$out/mixers_models.json" \
         2>&1 | tee "$out/mixers_models.log"
     python scripts/benchmark.py --device cuda --amp --compile --sections step --json "$out/train_step.json" \

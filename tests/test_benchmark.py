@@ -16,7 +16,7 @@ def test_benchmark_smoke(tmp_path):
     printed = subprocess.run(
         [sys.executable, str(REPO / 'scripts' / 'benchmark.py'), '--device', 'cpu', '--batch-size', '4',
          '--img-size', '64', '--model-batch-size', '1', '--repeats', '1', '--rounds', '1',
-         '--models', 'deit_tiny_patch16_224',
+         '--models', 'deit_tiny_patch16_224', '--mixer-compile-backend', 'aot_eager',
          '--step-model', 'deit_tiny_patch16_224', '--step-model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
          '--step-img-size', '32', '--step-mask-cell', '16', '--step-classes', '10', '--step-batch-size', '4',
          '--step-steps', '1', '--step-warmup', '1',
@@ -28,7 +28,8 @@ def test_benchmark_smoke(tmp_path):
 
     mixers = results['mixers_ms']
     assert {'timm Mixup (cutmix mode)', 'ours maskmix', 'ours maskmix (one gather)', 'ratio maskmix / timm cutmix',
-            'ratio maskmix+PAL+relabel / timm cutmix', 'memory floor (read 2 images, write 1)'} <= set(mixers)
+            'ratio maskmix+PAL+relabel / timm cutmix', 'memory floor (read 2 images, write 1)',
+            'ours maskmix (compiled)', 'ratio maskmix+PAL+relabel (compiled) / timm cutmix'} <= set(mixers)
     assert all(v > 0 for v in mixers.values())
     kernels = results['mixer_kernels']
     assert 0 < kernels['ours maskmix'] < kernels['ours maskmix+PAL (+relabel)']

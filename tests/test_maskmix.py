@@ -287,3 +287,59 @@ def test_one_pass_and_in_place_compositions_equal_where(size, cell, dtype):
     assert mix_cells_in_place(x, cells, partner, geometry) is x and torch.equal(x, expected)
     kept = torch.ones_like(cells)                                         # nothing to take: unchanged
     assert torch.equal(mix_cells_in_place(before.clone(), kept, partner, geometry), before)
+
+
+@pytest.mark.parametrize('lam_mode', ['exact', 'cells'])
+def test_the_compiled_mixer_gives_the_eager_one_s_images_and_labels(lam_mode):
+    """--compile-mixer traces MaskMix's composition and the PAL label whole (fullgraph: a graph break is an
+    error). aot_eager runs the traced graphs without a C++ compiler: equal bit for bit."""
+    graphs = []
+
+    def aot_eager_counted(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend('aot_eager')(graph, inputs)
+
+    kwargs = dict(num_classes=10, mask_cell=16, token_size=8, maskmix_lam=lam_mode, seed=5, label_smoothing=0.1)
+    eager, compiled = Mixer('mixpro', **kwargs), Mixer('mixpro', compile_backend=aot_eager_counted, **kwargs)
+    # the accelerators' composition, the one that compiles (the CPU's in-place copy syncs: it stays eager)
+    eager.cpu_in_place = compiled.cpu_in_place = False
+    gen = torch.Generator().manual_seed(1)
+    kinds = set()
+    for _ in range(8):
+        x, y = torch.randn(6, 3, 40, 40, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+        logits, attention = torch.randn(6, 10, generator=gen), torch.rand(6, 25, generator=gen)
+        (mixed_e, area_e), (mixed_c, area_c) = eager(x.clone(), y), compiled(x.clone(), y)
+        kinds.add(compiled.last.kind)
+        assert torch.equal(mixed_c, mixed_e) and torch.equal(area_c, area_e)
+        assert torch.equal(compiled.last.lam_area, eager.last.lam_area)
+        final_e = eager.relabel(logits, attention if eager.needs_attention else None)
+        final_c = compiled.relabel(logits, attention if compiled.needs_attention else None)
+        assert torch.equal(final_c, final_e)
+        if compiled.last.kind == 'maskmix':
+            assert torch.equal(compiled.last.lam_attn, eager.last.lam_attn)
+            assert torch.equal(compiled.last.alpha, eager.last.alpha)
+    assert 'maskmix' in kinds and len(kinds) >= 2
+    assert len(graphs) == 2   # the composition and the PAL label, each traced once for this batch shape
+
+
+def test_an_unknown_compile_backend_is_named():
+    with pytest.raises(ValueError, match="compile_backend 'nope'"):
+        Mixer('mixpro', compile_backend='nope')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='inductor on the GPU: CUDA only')
+def test_the_inductor_compiled_mixer_on_cuda_matches_the_eager_one():
+    kwargs = dict(num_classes=1000, seed=5, label_smoothing=0.1, maskmix_prob=1.0)
+    eager, compiled = Mixer('mixpro', **kwargs), Mixer('mixpro', compile_backend='inductor', **kwargs)
+    gen = torch.Generator(device='cuda').manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(64, 3, 224, 224, device='cuda', generator=gen)
+        y = torch.randint(0, 1000, (64,), device='cuda', generator=gen)
+        logits = torch.randn(64, 1000, device='cuda', generator=gen)
+        attention = torch.rand(64, 196, device='cuda', generator=gen)
+        (mixed_e, area_e), (mixed_c, area_c) = eager(x, y), compiled(x, y)
+        assert torch.equal(mixed_c, mixed_e)
+        assert torch.allclose(area_c, area_e, atol=1e-6, rtol=0)
+        final_e, final_c = eager.relabel(logits, attention), compiled.relabel(logits, attention)
+        assert torch.allclose(final_c, final_e, atol=1e-6, rtol=0)
+        assert torch.allclose(compiled.last.lam_attn, eager.last.lam_attn, atol=1e-6, rtol=0)

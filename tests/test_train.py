@@ -30,7 +30,7 @@ EXTRA = {
     'mixup_cutmix': ['--channels-last', '--aug-repeats', '3'],   # repeated aug needs DDP: skipped, said
     'transmix': ['--grad-accum-steps', '2', '--clip-grad', '1.0'],
     'maskmix': ['--amp', '--amp-dtype', 'bfloat16'],
-    'mixpro': ['--torchcompile', 'eager'],
+    'mixpro': ['--torchcompile', 'eager', '--compile-mixer', 'aot_eager'],
 }
 
 
