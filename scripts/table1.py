@@ -96,7 +96,7 @@ def sbatch_file(run: str, config: str, args) -> str:
         f'#SBATCH --output=slurm-{run}-%j.out',
         f'export GPUS_PER_NODE={args.gpus_per_node}',
         f'export MIXPRO_REPO={shlex.quote(str(REPO))}',
-        f'cd "$MIXPRO_REPO"',
+        'cd "$MIXPRO_REPO"',
         '# exec: the signals Slurm sends to this shell reach slurm_train.sbatch, which forwards them and requeues',
         f'exec bash scripts/slurm_train.sbatch {shlex.quote(config)} --data-dir {shlex.quote(args.data_dir)} '
         f'--output {shlex.quote(args.output)}',
