@@ -7,6 +7,7 @@ overrides them, and anything unknown or mistyped is an error that names the key.
 import argparse
 import ast
 import difflib
+import importlib.util
 import math
 from pathlib import Path
 from typing import List, Optional
@@ -163,6 +164,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--log-interval', type=int, default=50)
     group.add_argument('--image-grid-interval', type=int, default=10,
                        help='epochs between TensorBoard grids of mixed samples (0 = never)')
+    group.add_argument('--log-wandb', action=flag, default=False,
+                       help="also log to Weights & Biases (pip install wandb; offline: WANDB_MODE=offline)")
+    group.add_argument('--wandb-project', default='mixpro', help='W&B project (the run is named --experiment)')
     group.add_argument('--device', default=None, help='default: cuda when available, else cpu')
 
 
@@ -329,6 +333,8 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
             raise ConfigError(f'{name} must be {what}, got {value!r}')
     _check_output(args)
     _check_device(args.device)
+    if args.log_wandb and importlib.util.find_spec('wandb') is None:
+        raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
 
 
 def _check_output(args) -> None:

@@ -1,22 +1,30 @@
-"""What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console."""
+"""What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console, and with
+``--log-wandb`` the same scalars and pictures on Weights & Biases."""
 import csv
+import importlib.util
 import io
+import uuid
 from pathlib import Path
 from typing import Optional
 
 from timm.utils import update_summary
 
 from .checkpoint import atomic_write_text
+from .config import ConfigError
 from .pictures import snapshot_sheet, to_tensor
+
+WANDB_ID_FILE = 'wandb_id.txt'
 
 
 class RunLogger:
     """Primary-rank logging of one run folder."""
 
-    def __init__(self, run_dir: Path, start_epoch: int = 0):
+    def __init__(self, run_dir: Path, start_epoch: int = 0, wandb: Optional[dict] = None):
+        """``wandb``: ``wandb.init`` settings (project, name, config, ...) to mirror the run there."""
         from torch.utils.tensorboard import SummaryWriter   # import here: only rank 0 needs it
         self.run_dir = Path(run_dir)
         self.summary = self.run_dir / 'summary.csv'
+        self.wandb = WandbMirror(self.run_dir, **wandb) if wandb is not None else None
         self._truncate_summary(start_epoch)
         # purge_step: TensorBoard hides what earlier event files logged for the epochs trained again
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_epoch or None)
@@ -39,21 +47,21 @@ class RunLogger:
 
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
         """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``."""
-        w = self.writer
-        w.add_scalar('train/loss', train['loss'], epoch)
-        w.add_scalar('train/lr', lr, epoch)
-        w.add_scalar('train/epoch_time_s', train['epoch_time_s'], epoch)
-        w.add_scalar('train/img_per_s', train['img_per_s'], epoch)
+        scalars = {'train/loss': train['loss'], 'train/lr': lr, 'train/epoch_time_s': train['epoch_time_s'],
+                   'train/img_per_s': train['img_per_s']}
         for key in ('data_wait_s', 'compute_s', 'peak_memory_gb'):   # where the loop measured them
             if train.get(key) is not None:
-                w.add_scalar(f'train/{key}', train[key], epoch)
+                scalars[f'train/{key}'] = train[key]
         for key in ('lam_area', 'lam_attn', 'alpha'):
             if train.get(key) is not None:
-                w.add_scalar(f'mix/{key}', train[key], epoch)
+                scalars[f'mix/{key}'] = train[key]
         for prefix, metrics in evals.items():
-            for name, value in metrics.items():
-                w.add_scalar(f'{prefix}/{name}', value, epoch)
-        w.flush()
+            scalars.update({f'{prefix}/{name}': value for name, value in metrics.items()})
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(epoch, scalars)
         flat = {}
         for prefix, metrics in evals.items():
             tag = prefix[len('eval'):].lstrip('_')
@@ -62,10 +70,53 @@ class RunLogger:
 
     def log_images(self, epoch: int, snapshot: dict, mean, std, class_names=None) -> None:
         """The first mixed images of the epoch with their labels, λ and class attention (mix_snapshot)."""
-        self.writer.add_image('mix/samples', to_tensor(snapshot_sheet(snapshot, mean, std, class_names)), epoch)
+        sheet = snapshot_sheet(snapshot, mean, std, class_names)
+        self.writer.add_image('mix/samples', to_tensor(sheet), epoch)
+        if self.wandb is not None:
+            self.wandb.log_image(epoch, 'mix/samples', sheet)
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+
+
+class WandbMirror:
+    """The epoch scalars and mix pictures on Weights & Biases (``--log-wandb``; the package is optional).
+
+    One W&B run per run folder: its id is kept in ``wandb_id.txt``, so a resumed or requeued run goes on
+    logging into the same W&B run. Points are plotted against ``epoch`` (a metric, not W&B's step, which
+    must only grow): an epoch trained again after a crash adds a second point at that epoch, nothing is
+    refused. Offline clusters: ``WANDB_MODE=offline``, then ``wandb sync`` the run folder's ``wandb/``."""
+
+    def __init__(self, run_dir: Path, **settings):
+        if importlib.util.find_spec('wandb') is None:
+            raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
+        import wandb
+        self._wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else ''
+        if not run_id:
+            run_id = uuid.uuid4().hex[:12]
+            atomic_write_text(id_file, run_id + '\n')
+        try:
+            self.run = wandb.init(id=run_id, resume='allow', dir=str(run_dir), **settings)
+        except Exception as err:   # not logged in, no network, ...: stop before training, not inside it
+            reason = (str(err).strip().splitlines() or [repr(err)])[0]
+            raise ConfigError(f'--log-wandb: W&B did not start: {reason} (wandb login, or WANDB_MODE=offline '
+                              f'and wandb sync later)') from err
+        self.run.define_metric('epoch')
+        for prefix in ('train', 'mix', 'eval', 'eval_ema'):   # W&B globs need a prefix
+            self.run.define_metric(f'{prefix}/*', step_metric='epoch')
+
+    def log(self, epoch: int, scalars: dict) -> None:
+        self.run.log({'epoch': epoch, **scalars})
+
+    def log_image(self, epoch: int, tag: str, picture) -> None:
+        self.run.log({'epoch': epoch, tag: self._wandb.Image(picture)})
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def format_eta(seconds: Optional[float]) -> str:

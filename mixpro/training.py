@@ -130,7 +130,7 @@ def build_optimizer(model, args, lr: float):
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
                      'checkpoint_hist', 'torchcompile', 'compile_mixer', 'channels_last', 'grad_checkpointing',
-                     'recovery_interval',
+                     'recovery_interval', 'log_wandb', 'wandb_project',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 
@@ -323,6 +323,12 @@ def wrap_for_training(model, args, dist_info: DistInfo):
     return train_model, eval_model
 
 
+def wandb_settings(args) -> dict:
+    """``wandb.init`` settings: the run named after its folder, its options as the W&B config."""
+    return {'project': args.wandb_project, 'name': args.experiment,
+            'config': {k: v for k, v in vars(args).items() if k != 'config'}}
+
+
 def epoch_line(epoch: int, train_metrics: dict, evals: dict, run_eta: float) -> str:
     ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if 'eval_ema' in evals else ''
     return (f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
@@ -407,7 +413,7 @@ def run(args) -> dict:
         keeper = None
         if primary:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
-            logger = RunLogger(run_dir, start_epoch)
+            logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
             keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []))
             for note in keeper.tidy(prune=args.resume == 'auto'):
                 print(f'note: {note}', flush=True)

@@ -105,6 +105,71 @@ def test_auto_resume_refuses_a_run_with_other_settings(data_dir, tmp_path):
         train.main([*train_args(data_dir, tmp_path, 'other', 'transmix', 1), '--checkpoint-hist', '0'])
 
 
+class _FakeWandbRun:
+    def __init__(self, **settings):
+        self.settings, self.logged, self.step_metrics, self.finished = settings, [], {}, False
+
+    def define_metric(self, name, step_metric=None):
+        self.step_metrics[name] = step_metric
+
+    def log(self, data):
+        self.logged.append(data)
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """The few calls of the wandb package a run makes, recorded (nothing is sent anywhere)."""
+    import importlib.machinery
+    import types
+    module = types.ModuleType('wandb')
+    module.__spec__ = importlib.machinery.ModuleSpec('wandb', None)
+    module.runs = []
+    module.init = lambda **settings: module.runs.append(_FakeWandbRun(**settings)) or module.runs[-1]
+    module.Image = lambda picture: ('picture', picture.size)
+    monkeypatch.setitem(sys.modules, 'wandb', module)
+    return module
+
+
+def test_log_wandb_mirrors_the_epoch_scalars_into_one_wandb_run_across_resumes(data_dir, tmp_path, fake_wandb):
+    wandb_args = ['--log-wandb', '--wandb-project', 'table1']
+    train.main([*train_args(data_dir, tmp_path, 'watched', 'mixpro', 2), *wandb_args])
+    first = fake_wandb.runs[0]
+    assert first.settings['project'] == 'table1' and first.settings['name'] == 'watched'
+    assert first.settings['resume'] == 'allow' and first.settings['config']['mix_method'] == 'mixpro'
+    assert first.step_metrics['eval/*'] == first.step_metrics['train/*'] == 'epoch' and first.finished
+    scalars = [d for d in first.logged if 'eval/top1' in d]
+    rows = read_summary(tmp_path / 'watched')
+    assert [d['epoch'] for d in scalars] == [0, 1]
+    for logged, row in zip(scalars, rows):
+        assert logged['eval/top1'] == pytest.approx(float(row['eval_top1']))
+        assert logged['train/loss'] == pytest.approx(float(row['train_loss']))
+    assert any(d.get('mix/samples', (None,))[0] == 'picture' for d in first.logged)
+
+    train.main([*train_args(data_dir, tmp_path, 'watched', 'mixpro', 3), *wandb_args])   # the run goes on
+    second = fake_wandb.runs[1]
+    assert second.settings['id'] == first.settings['id']             # into the same W&B run
+    assert [d['epoch'] for d in second.logged if 'eval/top1' in d] == [2]
+
+
+def test_a_wandb_that_cannot_start_stops_the_run_before_training_in_one_line(data_dir, tmp_path, fake_wandb):
+    def not_logged_in(**settings):
+        raise RuntimeError('api_key not configured (no-tty)')
+    fake_wandb.init = not_logged_in
+    with pytest.raises(SystemExit, match='--log-wandb: W&B did not start: api_key not configured'):
+        train.main([*train_args(data_dir, tmp_path, 'offline', 'mixpro', 1), '--log-wandb'])
+    assert not list((tmp_path / 'offline').glob('*.pth.tar'))
+
+
+def test_log_wandb_without_the_package_is_one_line_before_anything_runs(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)                  # as if not installed
+    with pytest.raises(SystemExit, match="--log-wandb needs the 'wandb' package: pip install wandb"):
+        train.main([*train_args(data_dir, tmp_path, 'unwatched', 'mixpro', 1), '--log-wandb'])
+    assert not (tmp_path / 'unwatched').exists()
+
+
 def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 2, '--model-ema', '--model-ema-decay', '0.5'))
     best = tmp_path / 'run' / 'model_best.pth.tar'
