@@ -45,3 +45,26 @@ def test_keeper_keeps_the_best_k_and_model_best(tmp_path):
     assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth.tar')) == ['checkpoint-1.pth.tar',
                                                                             'checkpoint-5.pth.tar']
     assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 5
+
+
+def test_a_best_epoch_is_written_once_and_linked_and_later_saves_leave_it_alone(tmp_path):
+    keeper = CheckpointKeeper(tmp_path, keep_best=2)
+    keeper.save({'epoch': 0, 'w': torch.zeros(3)}, 0, 50.0)
+    best, last, ranked = (tmp_path / n for n in ('model_best.pth.tar', 'last.pth.tar', 'checkpoint-0.pth.tar'))
+    assert best.samefile(ranked) and last.samefile(ranked)          # one file, three names
+    keeper.save({'epoch': 1, 'w': torch.ones(3)}, 1, 10.0)           # not among the best: a new last
+    assert not last.samefile(ranked)
+    for path in (best, ranked):                                      # the linked best epoch is unchanged
+        assert load_checkpoint(path)['epoch'] == 0 and torch.equal(load_checkpoint(path)['w'], torch.zeros(3))
+    assert load_checkpoint(last)['epoch'] == 1
+
+
+def test_without_hard_links_the_best_files_are_copies(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(checkpoint.os, 'link', no_links)
+    CheckpointKeeper(tmp_path, keep_best=2).save({'epoch': 0}, 0, 50.0)
+    ranked = tmp_path / 'checkpoint-0.pth.tar'
+    for name in ('model_best.pth.tar', 'last.pth.tar'):
+        assert not (tmp_path / name).samefile(ranked) and load_checkpoint(tmp_path / name)['epoch'] == 0
+    assert not list(tmp_path.glob('.*.tmp'))
