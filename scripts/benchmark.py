@@ -254,12 +254,15 @@ def parse_kwargs(items):
 
 class TrainStep:
     """One training step as mixpro/engine.py runs it (mix -> forward -> relabel -> loss -> backward ->
-    AdamW step), on a fixed batch; ``plain`` is the unmixed step with a label-smoothed cross-entropy."""
+    AdamW step), on a fixed batch; ``plain`` is the unmixed step with a label-smoothed cross-entropy.
+    ``compile_backend``: the mixer's (``--compile-mixer``), for a step whose model is compiled too."""
 
-    def __init__(self, model, probe, method, num_classes, x, y, amp, mask_cell, token_size, seed=0):
+    def __init__(self, model, probe, method, num_classes, x, y, amp, mask_cell, token_size, seed=0,
+                 compile_backend=None):
         self.model, self.probe, self.method, self.x, self.y, self.amp = model, probe, method, x, y, amp
         self.mixer = None if method == 'plain' else Mixer(method, num_classes=num_classes, mask_cell=mask_cell,
-                                                          token_size=token_size, seed=seed)
+                                                          token_size=token_size, seed=seed,
+                                                          compile_backend=compile_backend)
         self.loss_fn = SoftTargetCrossEntropy()
         self.probe_states = set()   # the probe states seen: a compiled model has one graph for each
 
@@ -353,8 +356,9 @@ def bench_train_step(args, device):
             runners['compiled'] = torch.compile(model, backend=args.compile_backend)
         for mode in modes:
             for method in args.step_methods:
+                mixer_backend = args.compile_backend if mode == 'compiled' else None   # the whole step compiled
                 step = TrainStep(runners[mode], probe, method, args.step_classes, x, y, amp, args.step_mask_cell,
-                                 probe.token_size)
+                                 probe.token_size, compile_backend=mixer_backend)
                 configs[(method, attention, mode)] = (step, optimizer)
     for (method, attention, mode), (step, optimizer) in configs.items():   # warm up (compiles every graph)
         step.warm_up(optimizer, args.step_warmup)
@@ -465,7 +469,8 @@ def recipe_steps(recipe, model, num_classes, size, device, backends):
         recipe.torchcompile = backend
         runner, _ = wrap_for_training(model, recipe, DistInfo(device=device))   # compiled as train.py compiles
         steps[name] = (TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
-                                 probe.token_size if probe else label_token_size(model)), optimizer)
+                                 probe.token_size if probe else label_token_size(model), compile_backend=backend),
+                       optimizer)
     return steps
 
 
