@@ -12,10 +12,11 @@ import sys
 from mixpro.checkpoint import CheckpointError
 from mixpro.config import ConfigError, parse_train_args
 from mixpro.engine import NonFiniteLoss
+from mixpro.mixer import MixerCompileError
 from mixpro.run_folder import RunError
 from mixpro.training import run
 
-USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, NonFiniteLoss, RunError)
+USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, NonFiniteLoss, RunError, MixerCompileError)
 
 
 def main(argv=None):

@@ -75,10 +75,11 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log_image(epoch, 'mix/samples', sheet)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run ends with an exception (W&B then marks it failed, not finished)."""
         self.writer.close()
         if self.wandb is not None:
-            self.wandb.close()
+            self.wandb.close(failed)
 
 
 class WandbMirror:
@@ -115,8 +116,11 @@ class WandbMirror:
     def log_image(self, epoch: int, tag: str, picture) -> None:
         self.run.log({'epoch': epoch, tag: self._wandb.Image(picture)})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        except Exception as err:   # W&B's own trouble must not hide the run's error or keep its lock
+            print(f'note: W&B did not close cleanly: {err}', flush=True)
 
 
 def format_eta(seconds: Optional[float]) -> str:

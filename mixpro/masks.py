@@ -86,7 +86,8 @@ def mix_cells(x: torch.Tensor, cells: torch.Tensor, partner: torch.Tensor, geome
 
     One gather over a ``[B, rows, cols, C, u, u]`` block view of ``x`` writes every block of the
     result from its source image (read once, written once: no full-size partner copy, no pixel mask).
-    ``out`` (contiguous, like ``x``) receives the result; a new tensor when None. ``x`` is not changed.
+    ``out`` (contiguous, like ``x``) receives the result; a new tensor when None or when compiling (the
+    compiled gather writes its own output). ``x`` is not changed.
     """
     b, c, height, width = x.shape
     g = geometry

@@ -19,6 +19,7 @@ Per-batch decisions (kind, ratio, box) come from a seeded host RNG; per-sample r
 (cells, partners) from a seeded generator on the batch's device, so a step never waits on the
 device and the same seed gives the same masks, partners and targets.
 """
+import functools
 import math
 import random
 from typing import Optional
@@ -160,13 +161,9 @@ class Mixer:
         self.last: Optional[MixStep] = None
         self.compile_backend = compile_backend
         self._compose, self._pal_from_cells = compose_maskmix, pal_from_cells
-        if compile_backend:   # compiled on first use; fullgraph: a graph break would be slower than eager
-            try:
-                self._compose, self._pal_from_cells = (
-                    torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=False)
-                    for fn in (compose_maskmix, pal_from_cells))
-            except RuntimeError as err:   # dynamo's InvalidBackend
-                raise ValueError(f'compile_backend {compile_backend!r}: {err}') from err
+        if compile_backend:
+            self._compose = _compiled(compose_maskmix, compile_backend)
+            self._pal_from_cells = _compiled(pal_from_cells, compile_backend)
 
     # ---- randomness -------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -297,6 +294,33 @@ class Mixer:
         step.lam_attn = lam_attn.detach()
         step.alpha = None if alpha is None else alpha.detach()
         return target
+
+
+class MixerCompileError(RuntimeError):
+    """The compiler of ``compile_backend`` failed on the mixer's functions (e.g. no C++ compiler for inductor)."""
+
+
+def _compiled(fn, backend):
+    """``fn`` compiled on first use. fullgraph: a graph break would be slower than eager, so it is an error.
+    Shapes start static and turn dynamic where they change (dynamo's default), so a new batch size costs
+    one recompile, not one per size up to dynamo's limit (a hard error under fullgraph)."""
+    try:
+        compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    except RuntimeError as err:   # dynamo's InvalidBackend
+        raise ValueError(f'compile_backend {backend!r}: {err}') from err
+
+    @functools.wraps(fn)
+    def call(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            cause = getattr(err, 'inner_exception', None) or err   # what the compiler itself raised
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            name = getattr(backend, '__name__', backend)
+            message = (f'compile_backend {name!r} (--compile-mixer) could not compile {fn.__name__}: '
+                       f'{type(cause).__name__}: {reason}; try --compile-mixer aot_eager, or leave it off')
+            raise MixerCompileError(message) from err
+    return call
 
 
 def compose_maskmix(x, labels, cells, partner, geometry: CellGeometry, num_classes: int, smoothing: float,

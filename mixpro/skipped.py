@@ -7,6 +7,7 @@ folder list by hand. ``name_skipped_files`` wraps a dataset's reader so that eac
 sample; a filter on timm's logger puts that sample's path into the warning, with a count per process.
 """
 import logging
+import os
 import re
 
 _SKIP_MESSAGE = re.compile(r'Skipped sample \(index (\d+)\)\.\s*(.*)', re.DOTALL)
@@ -35,10 +36,16 @@ class _RememberingReader:
             raise AttributeError(name) from None
         return getattr(reader, name)
 
+    def __setattr__(self, name, value):   # settings made on the dataset's reader reach the real one
+        if name == 'reader':
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.reader, name, value)
+
 
 def _file_of(reader, index: int) -> str:
     try:
-        return str(reader.filename(index, absolute=True))
+        return os.path.abspath(reader.filename(index, absolute=True))
     except Exception:               # a reader without file names: keep timm's message as it is
         return ''
 
@@ -57,7 +64,8 @@ class _NameSkippedFile(logging.Filter):
         return True
 
 
-# installed on import: loader workers unpickle the wrapped reader, which imports this module there too
+# installed on import, so in every process that imports mixpro.data: the training process, the forkserver
+# that starts the loader workers (it preloads mixpro.data) and so the workers
 logging.getLogger('timm.data.dataset').addFilter(_NameSkippedFile())
 
 

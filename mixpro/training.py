@@ -349,6 +349,7 @@ def run(args) -> dict:
     run_dir = Path(args.output) / args.experiment
     lock, stop, logger = RunLock(run_dir), None, None
     loader = val_loader = None
+    failed = False
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
         train_set, val_set, class_to_idx = load_datasets(args, dist_info)
@@ -487,12 +488,15 @@ def run(args) -> dict:
         if primary and keeper.ranking:
             print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
         return result
+    except BaseException:
+        failed = True
+        raise
     finally:
         stop_workers(loader, val_loader)   # also after an exception: exit would wait on them forever
         if stop is not None:
             stop.uninstall()
         if logger is not None:
-            logger.close()
+            logger.close(failed)
         if primary:
             lock.release()
         cleanup()

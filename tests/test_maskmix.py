@@ -6,6 +6,7 @@ import torch
 
 from conftest import source_coded_batch
 from mixpro import Mixer
+from mixpro.mixer import MixerCompileError
 
 
 def maskmix_step(size, cell, batch=16, seed=0, **kwargs):
@@ -325,6 +326,26 @@ def test_the_compiled_mixer_gives_the_eager_one_s_images_and_labels(lam_mode):
 def test_an_unknown_compile_backend_is_named():
     with pytest.raises(ValueError, match="compile_backend 'nope'"):
         Mixer('mixpro', compile_backend='nope')
+
+
+def test_a_compiler_that_fails_is_one_error_naming_the_option():
+    def broken_compiler(graph, inputs):
+        raise RuntimeError('no C++ compiler found')
+    mixer = Mixer('maskmix', num_classes=10, mask_cell=8, token_size=8, compile_backend=broken_compiler)
+    mixer.cpu_in_place = False
+    with pytest.raises(MixerCompileError, match=r'\(--compile-mixer\) could not compile compose_maskmix: .*'
+                                                r'no C\+\+ compiler found'):
+        mixer(torch.randn(4, 3, 16, 16), torch.arange(4))
+
+
+def test_the_compiled_mixer_takes_any_batch_size():
+    """dynamo's recompile limit is a hard error under fullgraph: sizes must not each cost a graph."""
+    mixer = Mixer('mixpro', num_classes=10, mask_cell=8, token_size=8, maskmix_prob=1.0, compile_backend='eager')
+    mixer.cpu_in_place = False
+    for batch in range(2, 14):
+        mixed, _ = mixer(torch.randn(batch, 3, 16, 16), torch.arange(batch) % 10)
+        mixer.relabel(torch.randn(batch, 10), torch.rand(batch, 4))
+        assert mixed.shape[0] == batch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='inductor on the GPU: CUDA only')

@@ -107,7 +107,7 @@ def test_auto_resume_refuses_a_run_with_other_settings(data_dir, tmp_path):
 
 class _FakeWandbRun:
     def __init__(self, **settings):
-        self.settings, self.logged, self.step_metrics, self.finished = settings, [], {}, False
+        self.settings, self.logged, self.step_metrics, self.exit_code = settings, [], {}, None
 
     def define_metric(self, name, step_metric=None):
         self.step_metrics[name] = step_metric
@@ -115,8 +115,8 @@ class _FakeWandbRun:
     def log(self, data):
         self.logged.append(data)
 
-    def finish(self):
-        self.finished = True
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
 
 
 @pytest.fixture
@@ -139,7 +139,9 @@ def test_log_wandb_mirrors_the_epoch_scalars_into_one_wandb_run_across_resumes(d
     first = fake_wandb.runs[0]
     assert first.settings['project'] == 'table1' and first.settings['name'] == 'watched'
     assert first.settings['resume'] == 'allow' and first.settings['config']['mix_method'] == 'mixpro'
-    assert first.step_metrics['eval/*'] == first.step_metrics['train/*'] == 'epoch' and first.finished
+    assert first.settings['dir'] == str(tmp_path / 'watched')                  # W&B's files in the run folder
+    assert {first.step_metrics[f'{p}/*'] for p in ('train', 'mix', 'eval', 'eval_ema')} == {'epoch'}
+    assert first.exit_code == 0
     scalars = [d for d in first.logged if 'eval/top1' in d]
     rows = read_summary(tmp_path / 'watched')
     assert [d['epoch'] for d in scalars] == [0, 1]
@@ -152,6 +154,15 @@ def test_log_wandb_mirrors_the_epoch_scalars_into_one_wandb_run_across_resumes(d
     second = fake_wandb.runs[1]
     assert second.settings['id'] == first.settings['id']             # into the same W&B run
     assert [d['epoch'] for d in second.logged if 'eval/top1' in d] == [2]
+
+
+def test_a_run_that_crashes_is_marked_failed_on_wandb(data_dir, tmp_path, fake_wandb, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError('CUDA error: an illegal memory access was encountered')
+    monkeypatch.setattr(training, 'train_one_epoch', crash)
+    with pytest.raises(RuntimeError, match='illegal memory access'):
+        train.main([*train_args(data_dir, tmp_path, 'crashing', 'mixpro', 1), '--log-wandb'])
+    assert fake_wandb.runs[0].exit_code == 1
 
 
 def test_a_wandb_that_cannot_start_stops_the_run_before_training_in_one_line(data_dir, tmp_path, fake_wandb):
