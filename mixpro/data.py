@@ -88,10 +88,11 @@ def _read_class_map(class_map: str, data_dir: str, root: Path, folders: List[str
 
 
 def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None,
-                 class_map: str = ''):
+                 class_map: str = '', select: bool = False):
     """An ImageFolder split. Labels: ``class_to_idx`` when given (val takes train's; a class folder it does
-    not know is an error naming it), else ``class_map``, else the split's naturally sorted class folders
-    (timm's order). ``dataset.reader.class_to_idx`` holds the index used."""
+    not know is an error naming it, unless ``select``: then it reads only the folders ``class_to_idx``
+    names), else ``class_map``, else the split's naturally sorted class folders (timm's order).
+    ``dataset.reader.class_to_idx`` holds the index used."""
     root = _split_root(data_dir, split)
     folders = _class_folders(root)
     if class_to_idx is None:
@@ -102,7 +103,7 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
         if unknown and class_map:   # a class map may select a subset of the folders: the rest are unused
             print(f'note: {len(unknown)} class folder(s) of {root} are not in --class-map and are not used',
                   flush=True)
-        elif unknown:
+        elif unknown and not select:
             raise ConfigError(f'{root} has class folder(s) that training does not have: {", ".join(unknown[:5])}; '
                               f'every {split} class must be a training class')
     dataset = create_dataset('', root=str(Path(data_dir)), split=split, is_training=is_training,
@@ -185,7 +186,7 @@ def webdataset(name: str, data_dir: str, split: str, is_training: bool,
         reason = _first_line(err)
         if 'num_samples not specified' in reason:
             reason = ('the number of training samples is unknown, so an epoch has no length: give num_samples in '
-                      f"the _info file's split, or end the shard pattern with |N")
+                      "the _info file's split, or end the shard pattern with |N")
         elif 'not found in info' in reason:
             reason += ': name another split (--train-split / --val-split, validate.py --split)'
         raise ConfigError(f'{where}: {reason}') from err

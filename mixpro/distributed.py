@@ -47,6 +47,15 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (1-d, any length per rank), concatenated in rank order on every rank (CPU)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.cpu()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -253,5 +253,17 @@ def evaluate(model, loader, device, amp=nullcontext()) -> dict:
             'count': int(count)}
 
 
+@torch.no_grad()
+def max_softmax(model, loader, device, amp=nullcontext()) -> torch.Tensor:
+    """Each image's largest softmax probability (its confidence), this rank's images in loader order, on the CPU."""
+    model.eval()
+    confidence = []
+    for x, _ in loader:
+        with amp:
+            logits = model(x.to(device, non_blocking=True))
+        confidence.append(logits.float().softmax(1).amax(1))
+    return torch.cat(confidence).cpu() if confidence else torch.zeros(0)
+
+
 def updates_per_epoch(steps: int, accum: int) -> int:
     return math.ceil(steps / accum)

@@ -1,4 +1,5 @@
-"""Robustness evaluation: class subsets (ImageNet-A, ImageNet-R) and patch occlusion.
+"""Robustness evaluation: class subsets (ImageNet-A, ImageNet-R), out-of-distribution detection (ImageNet-O)
+and patch occlusion.
 
 Occlusion follows TransMix's robustness study (Chen et al., CVPR 2022, §4), which takes the protocol of
 Naseer et al., "Intriguing Properties of Vision Transformers" (NeurIPS 2021): the evaluated image is cut
@@ -40,14 +41,15 @@ def imagenet_class_index() -> Dict[str, int]:
     return {wnid: i for i, wnid in enumerate(ImageNetInfo('imagenet-1k').label_names())}
 
 
-def subset_outputs(subset: Sequence[str], model_classes: Optional[Dict[str, int]], option: str) -> List[int]:
+def subset_outputs(subset: Sequence[str], model_classes: Optional[Dict[str, int]], option: str,
+                   flag: str = '--class-subset') -> List[int]:
     """The model output index of every class of ``subset``, in the subset's order."""
     if not model_classes:
-        raise ConfigError(f'--class-subset {option} needs the names of the model\'s classes: train.py checkpoints '
+        raise ConfigError(f'{flag} {option} needs the names of the model\'s classes: train.py checkpoints '
                           f'store them, timm ImageNet-1k models have them; otherwise give --class-map FILE')
     missing = [name for name in subset if name not in model_classes]
     if missing:
-        raise ConfigError(f'--class-subset {option}: {len(missing)} of its {len(subset)} classes are not classes '
+        raise ConfigError(f'{flag} {option}: {len(missing)} of its {len(subset)} classes are not classes '
                           f'of the model, e.g. {", ".join(missing[:3])}')
     return [model_classes[name] for name in subset]
 
@@ -62,6 +64,20 @@ class SubsetLogits(nn.Module):
 
     def forward(self, x):
         return self.model(x).index_select(1, self.outputs)
+
+
+def ood_measures(in_confidence: torch.Tensor, ood_confidence: torch.Tensor) -> Dict[str, float]:
+    """Out-of-distribution detection by confidence, as Hendrycks et al. score ImageNet-O ("Natural Adversarial
+    Examples", CVPR 2021, and their code): anomaly score = -confidence, out-of-distribution images are the
+    positives; AUPR is scikit-learn's average precision, AUROC its ROC area, both in %."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    if not len(in_confidence) or not len(ood_confidence):
+        raise ValueError(f'out-of-distribution detection needs images of both kinds, got '
+                         f'{len(in_confidence)} in-distribution and {len(ood_confidence)} out-of-distribution')
+    scores = -torch.cat([in_confidence, ood_confidence]).double().numpy()
+    positive = [0] * len(in_confidence) + [1] * len(ood_confidence)
+    return {'aupr': 100.0 * average_precision_score(positive, scores), 'auroc': 100.0 * roc_auc_score(positive, scores),
+            'in_images': len(in_confidence), 'ood_images': len(ood_confidence)}
 
 
 def dropped_count(ratio: float, patches: int) -> int:

@@ -1,5 +1,6 @@
 """Evaluate models: train.py checkpoints exactly as their run evaluated them, timm models with their
-published or own weights, on whole datasets, class subsets (ImageNet-A/R) or occluded images."""
+published or own weights, on whole datasets, class subsets (ImageNet-A/R), occluded images, or as
+out-of-distribution detectors (ImageNet-O)."""
 import csv
 import json
 from argparse import Namespace
@@ -16,12 +17,13 @@ from timm.data.readers.class_map import load_class_map
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError
-from .data import build_dataset, eval_loader, num_classes_of, stop_workers
-from .distributed import cleanup, init_distributed
-from .engine import evaluate
+from .data import build_dataset, eval_loader, image_folder, num_classes_of, stop_workers
+from .distributed import cleanup, gather_cat, init_distributed
+from .engine import evaluate, max_softmax
 from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
 from .real_labels import RealLabelScorer, check_real_request, read_real_labels, real_label_sets
-from .robustness import OccludedBatches, SubsetLogits, imagenet_class_index, read_class_subset, subset_outputs
+from .robustness import (OccludedBatches, SubsetLogits, imagenet_class_index, ood_measures, read_class_subset,
+                         subset_outputs)
 from .training import build_model   # the same model construction as training
 
 
@@ -182,17 +184,31 @@ def _numbered_classes(root: Path, class_to_idx, is_primary: bool):
     return {name: int(name) for name in folders}
 
 
+def _data_location(args, loaded: LoadedModel) -> Tuple[str, str]:
+    """``(data_dir, split)``: the options', else a train.py checkpoint's own data folder and val split."""
+    run_args = loaded.args
+    data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
+    if not data_dir:
+        raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
+    split = args.split if args.split is not None else (
+        getattr(run_args, 'val_split', 'val') if loaded.from_run else 'val')   # the run's own val split
+    return data_dir, split
+
+
+def _data_config(args, loaded: LoadedModel) -> dict:
+    """The eval transforms: the run's (or the timm model's), with ``--crop-pct`` where given."""
+    if args.crop_pct is not None:
+        loaded.args.crop_pct = args.crop_pct
+    return resolve_data_config(vars(loaded.args), model=loaded.model)
+
+
 def build_eval_data(args, loaded: LoadedModel, dist_info):
     """``(loader, model to evaluate, data config, split label)`` for one loaded model: its dataset with the
     class index its outputs need, and the model restricted to ``--class-subset`` where one is given, or
     wrapped in a ``RealLabelScorer`` for ``--real-labels``."""
     run_args = loaded.args
     dataset_name = (getattr(run_args, 'dataset', '') if loaded.from_run else '') if args.dataset is None else args.dataset
-    data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
-    if not data_dir:
-        raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
-    split_name = args.split if args.split is not None else (
-        getattr(run_args, 'val_split', 'val') if loaded.from_run else 'val')   # the run's own val split
+    data_dir, split_name = _data_location(args, loaded)
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
                           class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
     model, class_to_idx = loaded.model, loaded.class_to_idx
@@ -220,9 +236,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
                          f'but {dataset_name or Path(data_dir) / split_name} has {classes} classes')
     if real_labels:   # the model, also counting ReaL hits of each image (by its file name)
         model = RealLabelScorer(model, real_label_sets(dataset, read_real_labels(real_labels), real_labels))
-    if args.crop_pct is not None:
-        run_args.crop_pct = args.crop_pct
-    data_config = resolve_data_config(vars(run_args), model=loaded.model)
+    data_config = _data_config(args, loaded)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
     split = f'{dataset_name}:{split_name}' if dataset_name else str(Path(data_dir) / split_name)
     return loader, model, data_config, split
@@ -260,6 +274,42 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     finally:
         stop_workers(loader)   # also after an exception: exit would wait on them forever
     return rows
+
+
+def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option: str = '--imagenet-o') -> dict:
+    """ImageNet-O's out-of-distribution detection (Hendrycks et al., CVPR 2021, as their code scores it).
+
+    ``ood_folder`` holds ``<wnid>/<images>``: images of no ImageNet-1k class, each filed under the class a
+    classifier mistook it for. They are told apart from the ImageNet validation images of the same classes
+    (``--data-dir`` / ``--split``, the other classes' folders unused) by the confidence over those classes'
+    logits (the largest softmax probability); ``ood_measures`` turns the two sets of confidences into AUPR
+    and AUROC (%). Under DDP each rank scores its shard and the scores are gathered."""
+    root = Path(ood_folder).resolve()
+    classes = sorted(_folder_names(root))
+    if not classes:
+        raise ConfigError(f'{option} {root}: no class folders in it (<wnid>/<images> expected)')
+    outputs = subset_outputs(classes, loaded.class_to_idx, str(root), flag=option)
+    model = SubsetLogits(loaded.model, outputs).to(dist_info.device)
+    index = {name: i for i, name in enumerate(classes)}
+    data_dir, split = _data_location(args, loaded)
+    datasets = {'in': image_folder(data_dir, split, False, index, select=True),
+                'ood': image_folder(str(root.parent), root.name, False, index)}
+    data_config = _data_config(args, loaded)
+    amp_dtype, _ = precision(args, loaded.args)
+    amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    confidence = {}
+    for name, dataset in datasets.items():
+        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
+        try:
+            confidence[name] = gather_cat(max_softmax(model, loader, dist_info.device, amp))
+        finally:
+            stop_workers(loader)
+    measures = ood_measures(confidence['in'], confidence['ood'])
+    if dist_info.is_primary:
+        print(f"{loaded.args.model} {option} {root}: AUPR {measures['aupr']:.2f}  AUROC {measures['auroc']:.2f}  "
+              f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
+              f"{Path(data_dir) / split} in its {len(classes)} classes)", flush=True)
+    return measures
 
 
 def _real_summary(real: Optional[dict]) -> str:

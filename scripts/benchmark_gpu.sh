@@ -3,7 +3,7 @@
 #
 #   bash scripts/benchmark_gpu.sh [OUT] [core|zoo|all]
 #
-# core (about 5 min on an H100): the CUDA-only tests, then (a) mixers, (b, c) forward and probe, bf16;
+# core (about 6 min on an H100): the CUDA-only tests, then (a) mixers, (b, c) forward and probe, bf16;
 #      (d) the DeiT-S train step per method, fused vs unfused, eager vs compiled, bf16, B=256.
 # zoo  (about 1 min per recipe): (f) eager vs torch.compile for one MixPro recipe per family, B<=128.
 # Each part writes its JSON and log to OUT, so a part stopped by a time limit keeps what it finished.

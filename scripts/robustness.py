@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Robustness report: top-1 of each checkpoint on clean, occluded, ImageNet-A and ImageNet-R images.
+"""Robustness report: top-1 of each checkpoint on clean, occluded, ImageNet-A and ImageNet-R images, and
+its ImageNet-O out-of-distribution detection (AUPR).
 
     python scripts/robustness.py RUN_A/model_best.pth.tar RUN_B/model_best.pth.tar --data-dir /data/imagenet \\
-        --imagenet-a /data/imagenet-a --imagenet-r /data/imagenet-r --output robustness.md
+        --imagenet-a /data/imagenet-a --imagenet-r /data/imagenet-r --imagenet-o /data/imagenet-o \\
+        --output robustness.md
     python scripts/robustness.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet \\
         --occlusion 0.5 --output deit_s.csv
 
 One row per checkpoint; columns: clean top-1, ImageNet-ReaL top-1 with --real-labels [FILE] (validate.py's
 option, on the clean images), top-1 at every --occlusion ratio (default 0.1 … 0.9, the
 information-loss axis of TransMix's occlusion study), ImageNet-A and ImageNet-R top-1 (over their 200
-classes) where their folders are given. FILE is markdown, or CSV when it ends in .csv; FILE with .png is
+classes) where their folders are given, and the ImageNet-O AUPR (%, Hendrycks et al.'s protocol: the
+ImageNet-O images against the --data-dir validation images of the same 200 classes, scored by the
+confidence over those classes). FILE is markdown, or CSV when it ends in .csv; FILE with .png is
 a plot of top-1 against the occlusion ratio. The table is rewritten after each checkpoint. Every other
 option (--model, --pretrained, --use-ema, --batch-size, --workers, --device, --amp, --img-size,
 --occlusion-seed, ...) is validate.py's, with its meaning. Runs under torchrun like validate.py.
@@ -27,7 +31,7 @@ from mixpro.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
 from mixpro.config import ConfigError  # noqa: E402
 from mixpro.distributed import cleanup, init_distributed  # noqa: E402
 from mixpro.pictures import line_plot  # noqa: E402
-from mixpro.validation import evaluate_loaded, load_model  # noqa: E402
+from mixpro.validation import evaluate_loaded, load_model, ood_detection  # noqa: E402
 
 DEFAULT_RATIOS = [round(0.1 * k, 1) for k in range(1, 10)]
 
@@ -42,6 +46,7 @@ def parse_args(argv=None):
                         help='occlusion ratios (default 0.1 … 0.9; none: no occlusion columns)')
     parser.add_argument('--imagenet-a', default=None, metavar='DIR', help='the ImageNet-A folder (<wnid>/<images>)')
     parser.add_argument('--imagenet-r', default=None, metavar='DIR', help='the ImageNet-R folder (<wnid>/<images>)')
+    parser.add_argument('--imagenet-o', default=None, metavar='DIR', help='the ImageNet-O folder (<wnid>/<images>)')
     parser.add_argument('--output', required=True, metavar='FILE', help='the table: .md (markdown) or .csv')
     own, rest = parser.parse_known_args(argv)
     for name in ('--class-subset', '--results-file', '--dataset'):
@@ -63,7 +68,8 @@ def _label(source: str, sources) -> str:
 
 def columns(own) -> list:
     return (['clean'] + (['ReaL'] if own.real_labels else []) + [f'occlusion {r:g}' for r in own.occlusion] +
-            (['ImageNet-A'] if own.imagenet_a else []) + (['ImageNet-R'] if own.imagenet_r else []))
+            (['ImageNet-A'] if own.imagenet_a else []) + (['ImageNet-R'] if own.imagenet_r else []) +
+            (['ImageNet-O AUPR'] if own.imagenet_o else []))
 
 
 def to_markdown(table: list, names: list) -> str:
@@ -123,6 +129,8 @@ def main(argv=None):
                                          (own.imagenet_r, 'imagenet-r', 'ImageNet-R')):
                 if folder:
                     values[name] = evaluate_loaded(subset_args(base, folder, subset), loaded, dist_info)[0]['top1']
+            if own.imagenet_o:
+                values['ImageNet-O AUPR'] = ood_detection(base, loaded, dist_info, own.imagenet_o)['aupr']
             table.append((_label(loaded.source, [str(s) for s in sources if s]), values))
             if dist_info.is_primary:
                 write_report(table, own)

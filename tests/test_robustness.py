@@ -1,5 +1,6 @@
 """validate.py on timm models and state dicts, class subsets (ImageNet-A/R) and occlusion, on data made here."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import validate
+from mixpro.config import ConfigError
 from mixpro.robustness import NAMED_SUBSETS, OccludedBatches, dropped_count, occlusion_mask, read_class_subset
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]   # class c: an image of colour c with noise
@@ -166,7 +168,8 @@ def test_model_and_weights_errors(colour_model, tmp_path):
 
 
 def test_robustness_report(colour_model, tmp_path):
-    """scripts/robustness.py: one row per checkpoint, clean / occlusion / ImageNet-A / ImageNet-R columns, a plot."""
+    """scripts/robustness.py: one row per checkpoint, clean / occlusion / ImageNet-A / ImageNet-R / ImageNet-O
+    columns, a plot. ImageNet-O here holds copies of the val images: every confidence ties, so AUPR = 50 %."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
     import robustness
     root, weights = colour_model
@@ -179,7 +182,7 @@ def test_robustness_report(colour_model, tmp_path):
     state['head.weight'], state['head.bias'] = head_w, head_b
     weights = tmp_path / 'colours.pth'
     torch.save(state, weights)
-    for target in ('imagenet/val', 'imagenet-a', 'imagenet-r'):
+    for target in ('imagenet/val', 'imagenet-a', 'imagenet-r', 'imagenet-o'):
         for c, wnid in enumerate(shared):
             (tmp_path / target / wnid).mkdir(parents=True)
             for image in (root / 'val' / f'class{c}').iterdir():
@@ -189,14 +192,17 @@ def test_robustness_report(colour_model, tmp_path):
     out = tmp_path / 'report' / 'robust.md'
     table = robustness.main([str(weights), str(copy), *SMALL, '--data-dir', str(tmp_path / 'imagenet'), '--occlusion', '0.5', '1',
                              '--occlusion-patch', '8', '--imagenet-a', str(tmp_path / 'imagenet-a'),
-                             '--imagenet-r', str(tmp_path / 'imagenet-r'), '--output', str(out)])
+                             '--imagenet-r', str(tmp_path / 'imagenet-r'), '--imagenet-o', str(tmp_path / 'imagenet-o'),
+                             '--output', str(out)])
     assert [label for label, _ in table] == ['colours.pth', 'copy.pth']
     values = table[0][1]
     assert values['clean'] == 100.0 and values['ImageNet-A'] == 100.0 and values['ImageNet-R'] == 100.0
     assert values['occlusion 1'] == pytest.approx(100 / 3) and values['occlusion 0.5'] <= 100.0
+    assert values['ImageNet-O AUPR'] == pytest.approx(50.0)
     lines = out.read_text().splitlines()
-    assert lines[0] == '| checkpoint | clean | occlusion 0.5 | occlusion 1 | ImageNet-A | ImageNet-R |'
-    assert lines[2].startswith('| colours.pth | 100.00 |') and lines[2].endswith('| 33.33 | 100.00 | 100.00 |')
+    assert lines[0] == ('| checkpoint | clean | occlusion 0.5 | occlusion 1 | ImageNet-A | ImageNet-R | '
+                        'ImageNet-O AUPR |')
+    assert lines[2].startswith('| colours.pth | 100.00 |') and lines[2].endswith('| 33.33 | 100.00 | 100.00 | 50.00 |')
     with Image.open(out.with_suffix('.png')) as plot:
         assert plot.size == (720, 480) and len(plot.convert('RGB').getcolors(1 << 20)) > 3   # drawn, not blank
     csv_out = tmp_path / 'robust.csv'
@@ -246,3 +252,66 @@ def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path):
     rows = validate.main([*SMALL, '--checkpoint', str(tmp_path / 'timm_train.pth.tar'),
                           str(tmp_path / 'colours.safetensors'), '--data-dir', str(root)])
     assert [r['top1'] for r in rows] == [100.0, 100.0] and rows[0]['loss'] == pytest.approx(rows[1]['loss'])
+
+
+class _Brightness(torch.nn.Module):
+    """A 3-class 'model' whose confidence grows with the image's brightness: logits (8 * mean, 0, 0)."""
+
+    def forward(self, x):
+        bright = x.mean(dim=(1, 2, 3))
+        return torch.stack([8 * bright, torch.zeros_like(bright), torch.zeros_like(bright)], 1)
+
+
+def _grey_folder(root, wnids, value, count):
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(root / wnid / f'{i}.png')
+
+
+def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path):
+    from argparse import Namespace
+    from mixpro.distributed import DistInfo
+    from mixpro.validation import LoadedModel, ood_detection
+    wnids = ['n00000001', 'n00000002', 'n00000003']
+    _grey_folder(tmp_path / 'imagenet' / 'val', wnids, 230, 4)            # bright: confident, in-distribution
+    _grey_folder(tmp_path / 'imagenet' / 'val', ['n00000009'], 0, 5)      # a class ImageNet-O does not have
+    _grey_folder(tmp_path / 'imagenet-o', wnids, 20, 2)                   # dark: unsure, out-of-distribution
+    model_args = Namespace(model='brightness', img_size=32, crop_pct=1.0, amp=False, amp_dtype='bfloat16')
+    loaded = LoadedModel(_Brightness(), 'hand-made', model_args, {w: i for i, w in enumerate(wnids)}, False)
+    args = Namespace(data_dir=str(tmp_path / 'imagenet'), split='val', crop_pct=None, batch_size=5, workers=0,
+                     amp=None, amp_dtype=None)
+    measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
+    assert measures['in_images'] == 12 and measures['ood_images'] == 6      # val's other class is not read
+    assert measures['aupr'] == pytest.approx(100.0) and measures['auroc'] == pytest.approx(100.0)
+    # the same images on both sides: every score ties, AUPR is the positives' share and AUROC a coin
+    shutil.rmtree(tmp_path / 'imagenet-o')
+    _grey_folder(tmp_path / 'imagenet-o', wnids, 230, 4)
+    measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
+    assert measures['aupr'] == pytest.approx(50.0) and measures['auroc'] == pytest.approx(50.0)
+    with pytest.raises(ConfigError, match='--imagenet-o .*: 1 of its 3 classes are not classes of the model'):
+        ood_detection(args, LoadedModel(_Brightness(), 'hand-made', model_args, dict(zip(wnids[:2], (0, 1))), False),
+                      DistInfo(), str(tmp_path / 'imagenet-o'))
+
+
+def test_ood_scores_of_every_rank_are_gathered(tmp_path):
+    """ImageNet-O under DDP: each rank scores its own shard (of any size); AUPR needs all of them. Two gloo
+    processes meet through a file (no port to collide with other jobs)."""
+    import os
+    import subprocess
+    script = tmp_path / 'gather.py'
+    script.write_text('import sys, torch, torch.distributed as dist\n'
+                      'from mixpro.distributed import gather_cat\n'
+                      'rank = int(sys.argv[1])\n'
+                      'dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)\n'
+                      'whole = gather_cat(torch.arange(rank + 1, dtype=torch.float32) + 10 * rank)\n'
+                      'print(f"rank {rank}:", whole.tolist())\n'
+                      'dist.destroy_process_group()\n')
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(repo)}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / 'rendezvous')], cwd=repo,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    for rank, (out, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err
+    assert [out.strip() for out, _ in outputs] == ['rank 0: [0.0, 10.0, 11.0]', 'rank 1: [0.0, 10.0, 11.0]']
