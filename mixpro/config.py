@@ -274,8 +274,10 @@ def load_recipe(path: str, parser: argparse.ArgumentParser, _chain=()) -> dict:
     return recipe
 
 
-def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Options from the recipe (``--config``) overridden by the command line."""
+def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = True) -> argparse.Namespace:
+    """Options from the recipe (``--config``) overridden by the command line. ``check_machine=False`` leaves
+    out the checks that depend on this machine (device, packages, output folder): for planning runs
+    elsewhere."""
     parser = train_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -294,7 +296,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):
         args.aa = None
-    check_values(args, parser)
+    check_values(args, parser, check_machine)
     return args
 
 
@@ -321,7 +323,8 @@ _UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'cl
 _KEY_NAMED = {'checkpoint_hist'}
 
 
-def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None,
+                 check_machine: bool = True) -> None:
     """Stop on values that would otherwise fail deep inside torch or timm (or silently do nothing)."""
     options = _options(parser or train_parser())
     for key, (ok, what) in VALUE_RULES.items():
@@ -331,6 +334,8 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
             name = key if key in _KEY_NAMED else options[key].option_strings[0]
             raise ConfigError(f'{name} must be {what}, got {value!r}')
+    if not check_machine:
+        return
     _check_output(args)
     _check_device(args.device)
     if args.log_wandb and importlib.util.find_spec('wandb') is None:

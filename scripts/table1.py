@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Launch and report the paper's Table 1: 14 models x {baseline, +TransMix, +MixPro} on ImageNet-1k.
 
-    python scripts/table1.py plan [--nodes 1 --gpus-per-node 8] [--data-dir /data/imagenet] [--slurm DIR]
+    python scripts/table1.py plan [--nodes 1 --gpus-per-node 8] [--data-dir /data/imagenet] [--slurm DIR] \
+        [-- more train.py options for every run, e.g. --log-wandb --wandb-project table1]
     python scripts/table1.py report [--runs output/] [--csv table1.csv] [--markdown table1.md]
 
 `plan` prints one launch command per run (42 runs, recipes configs/<model>_<method>.yaml); with
@@ -56,7 +57,7 @@ def runs():
 
 # ---- plan -------------------------------------------------------------------------------------
 def launch_command(config: str, args) -> str:
-    train = ['train.py', '--config', config, '--data-dir', args.data_dir, '--output', args.output]
+    train = ['train.py', '--config', config, '--data-dir', args.data_dir, '--output', args.output, *args.train_options]
     if args.nodes > 1:
         rendezvous = ['--nnodes', str(args.nodes), '--rdzv_backend', 'c10d', '--rdzv_endpoint', '$HEAD_NODE:29500',
                       '--rdzv_id', Path(config).stem]
@@ -99,9 +100,21 @@ def sbatch_file(run: str, config: str, args) -> str:
         'cd "$MIXPRO_REPO"',
         '# exec: the signals Slurm sends to this shell reach slurm_train.sbatch, which forwards them and requeues',
         f'exec bash scripts/slurm_train.sbatch {shlex.quote(config)} --data-dir {shlex.quote(args.data_dir)} '
-        f'--output {shlex.quote(args.output)}',
+        f'--output {shlex.quote(args.output)}' + ''.join(f' {shlex.quote(a)}' for a in args.train_options),
         '',
     ])
+
+
+def check_train_options(config: str, options: list) -> None:
+    """Stop on train.py options it would refuse, before 42 jobs are written or submitted (what depends on the
+    machine, such as a GPU or the wandb package, is left to the jobs: this may be a login node)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from mixpro.config import ConfigError, parse_train_args
+    try:
+        parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
+    except (ConfigError, SystemExit) as err:
+        sys.exit(f'error: the train.py options after -- ({" ".join(options)}) are refused: {err}')
 
 
 def plan(args) -> list:
@@ -114,6 +127,7 @@ def plan(args) -> list:
         planned.append((run, config))
     if missing:
         sys.exit('error: missing recipes: ' + ', '.join(missing))
+    check_train_options(planned[0][1], args.train_options)
     print(f'# {len(planned)} runs, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) each; global batch = '
           f'{args.nodes * args.gpus_per_node} x the recipe\'s batch_size (lr follows it where a recipe sets lr_base)')
     if args.slurm:
@@ -211,11 +225,15 @@ def main(argv=None):
     plan_cmd.add_argument('--data-dir', default='/data/imagenet')
     plan_cmd.add_argument('--output', default='output')
     plan_cmd.add_argument('--slurm', metavar='DIR', default=None, help='write one sbatch file per run here')
+    plan_cmd.add_argument('train_options', nargs=argparse.REMAINDER,
+                          help='after --: more train.py options for every run (e.g. -- --log-wandb)')
     report_cmd = commands.add_parser('report', help='Table 1 from the run folders, beside the paper')
     report_cmd.add_argument('--runs', default='output')
     report_cmd.add_argument('--csv', default=None)
     report_cmd.add_argument('--markdown', default=None)
     args = parser.parse_args(argv)
+    if args.command == 'plan':
+        args.train_options = args.train_options[1:] if args.train_options[:1] == ['--'] else args.train_options
     return plan(args) if args.command == 'plan' else report(args)
 
 

@@ -41,6 +41,17 @@ def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
     assert (tmp_path / 'sbatch' / 'submit_all.sh').read_text().count('sbatch ') == 42
 
 
+def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_path, capsys):
+    planned = table1.main(['plan', '--slurm', str(tmp_path), '--', '--log-wandb', '--wandb-project', 'table 1'])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torchrun')]
+    assert len(commands) == 42 and all(c.endswith("--log-wandb --wandb-project 'table 1'") for c in commands)
+    for run, _ in planned:
+        assert "--log-wandb --wandb-project 'table 1'\n" in (tmp_path / f'{run}.sbatch').read_text()
+    with pytest.raises(SystemExit, match='refused: unknown option --lgo-wandb; did you mean --log-wandb'):
+        table1.main(['plan', '--slurm', str(tmp_path / 'typo'), '--', '--lgo-wandb'])
+    assert not (tmp_path / 'typo').exists()                  # nothing written for 42 jobs that would fail
+
+
 def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tmp_path, capsys):
     from mixpro.config import parse_train_args
     planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path)])
@@ -54,7 +65,7 @@ def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tm
         assert header['nodes'] == '2' and header['gpus-per-node'] == '4'
         assert re.search(r'^exec bash scripts/slurm_train\.sbatch ' + re.escape(config) + ' ', text, re.M)
     # the cpus follow the recipe's workers (quickstart: workers 2), not a fixed number
-    args = argparse.Namespace(nodes=1, gpus_per_node=2, data_dir='/d', output='out')
+    args = argparse.Namespace(nodes=1, gpus_per_node=2, data_dir='/d', output='out', train_options=[])
     text = table1.sbatch_file('q', 'configs/quickstart_mixpro.yaml', args)
     workers = parse_train_args(['--config', str(REPO / 'configs' / 'quickstart_mixpro.yaml')]).workers
     assert f'#SBATCH --cpus-per-task={2 * (workers + 1)}\n' in text
