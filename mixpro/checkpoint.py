@@ -39,7 +39,8 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _MODE)
+        if os.stat(tmp).st_nlink == 1:   # a hard link (atomic_copy) shares a file that has its mode already
+            os.chmod(tmp, _MODE)
         _fsync(tmp)            # on disk before the rename: a node crash leaves the old file, not a torn one
         os.replace(tmp, path)
         _fsync(path.parent)    # and the rename itself
@@ -68,6 +69,9 @@ def atomic_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes the same file as ``src``: a hard link where the filesystem has them (no bytes written:
     a best epoch of a 1-3 GB checkpoint used to be written three times), a copy elsewhere. Sharing the file
     is safe because checkpoints are never written in place: every save writes a new file and renames it."""
+    if Path(dst).exists() and os.path.samefile(src, dst):   # already one file: rename would leave the temp
+        return
+
     def link_or_copy(tmp):
         os.unlink(tmp)                 # mkstemp's empty file: the link takes its name
         try:

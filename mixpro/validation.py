@@ -285,13 +285,25 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     logits (the largest softmax probability); ``ood_measures`` turns the two sets of confidences into AUPR
     and AUROC (%). Under DDP each rank scores its shard and the scores are gathered."""
     root = Path(ood_folder).resolve()
+    if not root.is_dir():
+        raise ConfigError(f'{option} {root} does not exist')
     classes = sorted(_folder_names(root))
     if not classes:
         raise ConfigError(f'{option} {root}: no class folders in it (<wnid>/<images> expected)')
+    if args.dataset:
+        raise ConfigError(f'{option} compares with ImageFolder validation images under --data-dir, not '
+                          f'--dataset {args.dataset}')
     outputs = subset_outputs(classes, loaded.class_to_idx, str(root), flag=option)
     model = SubsetLogits(loaded.model, outputs).to(dist_info.device)
     index = {name: i for i, name in enumerate(classes)}
     data_dir, split = _data_location(args, loaded)
+    if not (Path(data_dir) / split).is_dir():
+        raise ConfigError(f'{option} needs the ImageNet validation images of its classes: '
+                          f'{Path(data_dir) / split} does not exist (--data-dir, --split)')
+    missing = sorted(set(classes) - set(_folder_names(Path(data_dir) / split)))
+    if missing:   # the in-distribution side must hold every class, or the score compares other things
+        raise ConfigError(f'{option} {root}: {len(missing)} of its {len(classes)} classes have no folder in '
+                          f'{Path(data_dir) / split}, e.g. {", ".join(missing[:3])}')
     datasets = {'in': image_folder(data_dir, split, False, index, select=True),
                 'ood': image_folder(str(root.parent), root.name, False, index)}
     data_config = _data_config(args, loaded)

@@ -68,3 +68,15 @@ def test_without_hard_links_the_best_files_are_copies(tmp_path, monkeypatch):
     for name in ('model_best.pth.tar', 'last.pth.tar'):
         assert not (tmp_path / name).samefile(ranked) and load_checkpoint(tmp_path / name)['epoch'] == 0
     assert not list(tmp_path.glob('.*.tmp'))
+
+
+def test_linking_needs_no_mode_change_and_a_repeated_copy_leaves_no_temp_file(tmp_path, monkeypatch):
+    src, dst = tmp_path / 'checkpoint-0.pth.tar', tmp_path / 'model_best.pth.tar'
+    atomic_save({'epoch': 0}, src)
+
+    def not_the_owner(path, mode):   # a group-writable run folder whose files another member wrote
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(checkpoint.os, 'chmod', not_the_owner)
+    checkpoint.atomic_copy(src, dst)
+    checkpoint.atomic_copy(src, dst)                                  # already the same file
+    assert dst.samefile(src) and not list(tmp_path.glob('.*.tmp'))

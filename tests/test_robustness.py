@@ -279,16 +279,21 @@ def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path)
     _grey_folder(tmp_path / 'imagenet-o', wnids, 20, 2)                   # dark: unsure, out-of-distribution
     model_args = Namespace(model='brightness', img_size=32, crop_pct=1.0, amp=False, amp_dtype='bfloat16')
     loaded = LoadedModel(_Brightness(), 'hand-made', model_args, {w: i for i, w in enumerate(wnids)}, False)
-    args = Namespace(data_dir=str(tmp_path / 'imagenet'), split='val', crop_pct=None, batch_size=5, workers=0,
-                     amp=None, amp_dtype=None)
+    args = Namespace(data_dir=str(tmp_path / 'imagenet'), split='val', dataset='', crop_pct=None, batch_size=5,
+                     workers=0, amp=None, amp_dtype=None)
     measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
     assert measures['in_images'] == 12 and measures['ood_images'] == 6      # val's other class is not read
     assert measures['aupr'] == pytest.approx(100.0) and measures['auroc'] == pytest.approx(100.0)
-    # the same images on both sides: every score ties, AUPR is the positives' share and AUROC a coin
+    # the same images on both sides: every score ties, AUPR is the positives' (ImageNet-O's) share, 6 of 18
     shutil.rmtree(tmp_path / 'imagenet-o')
-    _grey_folder(tmp_path / 'imagenet-o', wnids, 230, 4)
+    _grey_folder(tmp_path / 'imagenet-o', wnids, 230, 2)
     measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
-    assert measures['aupr'] == pytest.approx(50.0) and measures['auroc'] == pytest.approx(50.0)
+    assert measures['aupr'] == pytest.approx(100 / 3) and measures['auroc'] == pytest.approx(50.0)
+    shutil.rmtree(tmp_path / 'imagenet' / 'val' / wnids[1])             # val lacks one of ImageNet-O's classes
+    with pytest.raises(ConfigError, match=f'1 of its 3 classes have no folder in .*val, e.g. {wnids[1]}'):
+        ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
+    with pytest.raises(ConfigError, match='--imagenet-o .*nowhere does not exist'):
+        ood_detection(args, loaded, DistInfo(), str(tmp_path / 'nowhere'))
     with pytest.raises(ConfigError, match='--imagenet-o .*: 1 of its 3 classes are not classes of the model'):
         ood_detection(args, LoadedModel(_Brightness(), 'hand-made', model_args, dict(zip(wnids[:2], (0, 1))), False),
                       DistInfo(), str(tmp_path / 'imagenet-o'))
@@ -304,7 +309,7 @@ def test_ood_scores_of_every_rank_are_gathered(tmp_path):
                       'from mixpro.distributed import gather_cat\n'
                       'rank = int(sys.argv[1])\n'
                       'dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)\n'
-                      'whole = gather_cat(torch.arange(rank + 1, dtype=torch.float32) + 10 * rank)\n'
+                      'whole = gather_cat(torch.arange(rank, dtype=torch.float32) + 10 * rank)\n'
                       'print(f"rank {rank}:", whole.tolist())\n'
                       'dist.destroy_process_group()\n')
     repo = Path(__file__).resolve().parents[1]
@@ -314,4 +319,4 @@ def test_ood_scores_of_every_rank_are_gathered(tmp_path):
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     for rank, (out, err) in zip(ranks, outputs):
         assert rank.returncode == 0, err
-    assert [out.strip() for out, _ in outputs] == ['rank 0: [0.0, 10.0, 11.0]', 'rank 1: [0.0, 10.0, 11.0]']
+    assert [out.strip() for out, _ in outputs] == ['rank 0: [10.0]', 'rank 1: [10.0]']   # rank 0 had none
