@@ -81,6 +81,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             "the large models, at about a third more compute")
     group.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
                        help='torch.compile backend (bare flag: inductor)')
+    group.add_argument('--torchcompile-mode', default=None,
+                       help="torch.compile mode for inductor: default, reduce-overhead (CUDA graphs), max-autotune, "
+                            "max-autotune-no-cudagraphs (timm's --torchcompile-mode)")
 
     group = parser.add_argument_group('optimizer and schedule')
     group.add_argument('--opt', default='adamw')

@@ -129,8 +129,8 @@ def build_optimizer(model, args, lr: float):
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'compile_mixer', 'channels_last', 'grad_checkpointing',
-                     'recovery_interval', 'log_wandb', 'wandb_project',
+                     'checkpoint_hist', 'torchcompile', 'torchcompile_mode', 'compile_mixer', 'channels_last',
+                     'grad_checkpointing', 'recovery_interval', 'log_wandb', 'wandb_project',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 
@@ -315,7 +315,12 @@ def wrap_for_training(model, args, dist_info: DistInfo):
             # write to the probe, which the recompute must skip anyway (the engine switches the probe off
             # before the backward): tell dynamo not to replay forward side effects there
             torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-        train_model = eval_model = torch.compile(model, backend=args.torchcompile)
+        mode = getattr(args, 'torchcompile_mode', None)
+        try:
+            train_model = eval_model = torch.compile(model, backend=args.torchcompile, mode=mode)
+        except RuntimeError as err:   # an unknown backend or mode
+            raise ConfigError(f'--torchcompile {args.torchcompile}'
+                              + (f' --torchcompile-mode {mode}' if mode else '') + f': {err}') from err
     if dist_info.distributed:
         device = dist_info.device
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -277,3 +277,19 @@ def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_at
         probe.attention = None
     assert sum(counters['graph_break'].values()) == 0, dict(counters['graph_break'])
     torch._dynamo.reset()
+
+
+def test_torchcompile_mode_reaches_torch_compile_and_a_bad_one_is_named(monkeypatch):
+    from mixpro.distributed import DistInfo
+    model = torch.nn.Linear(2, 2)
+    seen = {}
+    real_compile = torch.compile
+
+    def recording_compile(module, **kwargs):
+        seen.update(kwargs)
+        return real_compile(module, **kwargs)
+    monkeypatch.setattr(torch, 'compile', recording_compile)
+    training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='max-autotune'), DistInfo())
+    assert seen == {'backend': 'inductor', 'mode': 'max-autotune'}
+    with pytest.raises(training.ConfigError, match='--torchcompile inductor --torchcompile-mode fastest: .*mode=fastest'):
+        training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='fastest'), DistInfo())
