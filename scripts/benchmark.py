@@ -354,7 +354,7 @@ def bench_train_step(args, device):
         model, probe, optimizer = models[attention]
         runners = {'eager': model}
         if args.compile:
-            runners['compiled'] = torch.compile(model, backend=args.compile_backend)
+            runners['compiled'] = torch.compile(model, backend=args.compile_backend, mode=args.compile_mode)
         for mode in modes:
             for method in args.step_methods:
                 mixer_backend = args.compile_backend if mode == 'compiled' else None   # the whole step compiled
@@ -387,7 +387,8 @@ def bench_train_step(args, device):
                                                                       / rows[f'{method} | {attention} | compiled']['ms/step'])
     return {'config': {'model': args.step_model, 'model_kwargs': parse_kwargs(args.step_model_kwargs), 'batch': batch,
                        'img_size': size, 'amp': bool(args.amp), 'steps_per_round': args.step_steps,
-                       'rounds': args.rounds, 'compile_backend': args.compile_backend if args.compile else None},
+                       'rounds': args.rounds, 'compile_backend': args.compile_backend if args.compile else None,
+                       'compile_mode': args.compile_mode if args.compile else None},
             'rows': rows, 'ratios': ratios}
 
 
@@ -427,7 +428,7 @@ def bench_input_pipeline(args, device):
         del iterator, loader
     # the step alone, on a fixed batch of the recipe's shape, method and precision
     steps = recipe_steps(recipe, model, num_classes, data_config['input_size'][-1], device,
-                         {'step': args.compile_backend if args.compile else None})
+                         {'step': args.compile_backend if args.compile else None}, args.compile_mode)
     step, optimizer = steps['step']
     step.warm_up(optimizer, args.step_warmup)
     ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
@@ -451,11 +452,11 @@ def parse_recipe(path, device, extra_args=''):
                              *shlex.split(extra_args or '')])
 
 
-def recipe_steps(recipe, model, num_classes, size, device, backends):
+def recipe_steps(recipe, model, num_classes, size, device, backends, compile_mode=None):
     """The recipe's train step on a fixed batch of its shape, method and precision, once per entry of
-    ``backends`` (name -> torch.compile backend, or None for eager): {name: (step, optimizer)}. All share
-    ``model``, its probe (attached before compiling, as train.py does) and one optimizer, so that one
-    model's weights and optimizer state are in memory."""
+    ``backends`` (name -> torch.compile backend, or None for eager; ``compile_mode`` its mode):
+    {name: (step, optimizer)}. All share ``model``, its probe (attached before compiling, as train.py does)
+    and one optimizer, so that one model's weights and optimizer state are in memory."""
     from mixpro.distributed import DistInfo
     from mixpro.training import (NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, mixed_precision,
                                  wrap_for_training)
@@ -468,6 +469,7 @@ def recipe_steps(recipe, model, num_classes, size, device, backends):
     steps = {}
     for name, backend in backends.items():
         recipe.torchcompile = backend
+        recipe.torchcompile_mode = compile_mode if backend else None
         runner, _ = wrap_for_training(model, recipe, DistInfo(device=device))   # compiled as train.py compiles
         steps[name] = (TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
                                  probe.token_size if probe else label_token_size(model), compile_backend=backend),
@@ -491,7 +493,7 @@ def bench_zoo(args, device):
         model = build_model(recipe, num_classes)
         size = resolve_data_config(vars(recipe), model=model)['input_size'][-1]
         steps = recipe_steps(recipe, model, num_classes, size, device,
-                             {'eager': None, 'compiled': args.compile_backend})
+                             {'eager': None, 'compiled': args.compile_backend}, args.compile_mode)
         for mode, (step, optimizer) in steps.items():
             sync(device)
             start = time.perf_counter()
@@ -552,6 +554,8 @@ def main():
     g.add_argument('--step-warmup', type=int, default=4, help='untimed steps per configuration (compiles)')
     g.add_argument('--compile', action='store_true', help='also time the steps under torch.compile')
     g.add_argument('--compile-backend', default='inductor')
+    g.add_argument('--compile-mode', default=None,
+                   help='torch.compile mode of the compiled model in (d) and (f), e.g. reduce-overhead, max-autotune')
     g = parser.add_argument_group('(e) input pipeline')
     g.add_argument('--recipe', help='a training recipe (configs/*.yaml)')
     g.add_argument('--data-dir', help="the recipe's data folder")
