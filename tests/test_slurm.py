@@ -207,7 +207,7 @@ def test_table1_sbatch_file_hands_the_signals_to_the_launcher(fake_slurm):
     table1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table1)
     folder, env = fake_slurm
-    args = argparse.Namespace(nodes=2, gpus_per_node=8, data_dir='/data/imagenet', output='output')
+    args = argparse.Namespace(nodes=2, gpus_per_node=8, data_dir='/data/imagenet', output='output', train_options=[])
     sbatch = folder / 'deit_t_mixpro.sbatch'
     sbatch.write_text(table1.sbatch_file('deit_t_mixpro', 'configs/deit_t_mixpro.yaml', args))
     proc = subprocess.Popen(['bash', str(sbatch)], env=dict(env, FAKE_MODE='wait'), stdout=subprocess.PIPE,
