@@ -337,12 +337,37 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
             name = key if key in _KEY_NAMED else options[key].option_strings[0]
             raise ConfigError(f'{name} must be {what}, got {value!r}')
+    _check_compile(args)
     if not check_machine:
         return
     _check_output(args)
     _check_device(args.device)
     if args.log_wandb and importlib.util.find_spec('wandb') is None:
         raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
+
+
+def _check_compile(args) -> None:
+    """torch.compile settings that would fail only at the first step, or do nothing."""
+    mode = args.torchcompile_mode
+    if mode and not args.torchcompile:
+        raise ConfigError(f'--torchcompile-mode {mode} needs --torchcompile (it is the mode of that compilation)')
+    if mode and args.torchcompile != 'inductor':
+        raise ConfigError(f'--torchcompile-mode is a mode of the inductor backend: --torchcompile '
+                          f'{args.torchcompile} would ignore it')
+    backends = {'--torchcompile': args.torchcompile, '--compile-mixer': args.compile_mixer}
+    if not any(backends.values()):
+        return
+    import torch._dynamo   # here: importing it takes seconds, and only compiling runs need it
+    known = torch._dynamo.list_backends(exclude_tags=())
+    for flag, backend in backends.items():
+        if backend and backend not in known:
+            raise ConfigError(f'{flag} {backend} is not a torch.compile backend; this torch has: '
+                              f'{", ".join(b for b in sorted(known) if "TESTING" not in b)}')
+    if mode:
+        import torch._inductor
+        modes = list(torch._inductor.list_mode_options())
+        if mode not in modes:
+            raise ConfigError(f'--torchcompile-mode {mode}: inductor\'s modes are {", ".join(modes)}')
 
 
 def _check_output(args) -> None:

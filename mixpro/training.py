@@ -371,6 +371,10 @@ def run(args) -> dict:
         token_size = probe.token_size if probe else label_token_size(model)
         check_image_geometry(args, data_config['input_size'][-1], token_size)
         mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
+        if args.compile_mixer and primary and (not mixer.uses_maskmix or
+                                               (device.type == 'cpu' and args.mix_method == 'maskmix')):
+            print(f"note: --compile-mixer compiles nothing for {args.mix_method} on {device.type}: it compiles "
+                  f"MaskMix's composition off the CPU and the PAL label of mixpro", flush=True)
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)

@@ -276,14 +276,9 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     return rows
 
 
-def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option: str = '--imagenet-o') -> dict:
-    """ImageNet-O's out-of-distribution detection (Hendrycks et al., CVPR 2021, as their code scores it).
-
-    ``ood_folder`` holds ``<wnid>/<images>``: images of no ImageNet-1k class, each filed under the class a
-    classifier mistook it for. They are told apart from the ImageNet validation images of the same classes
-    (``--data-dir`` / ``--split``, the other classes' folders unused) by the confidence over those classes'
-    logits (the largest softmax probability); ``ood_measures`` turns the two sets of confidences into AUPR
-    and AUROC (%). Under DDP each rank scores its shard and the scores are gathered."""
+def check_ood_inputs(args, loaded: LoadedModel, ood_folder: str, option: str = '--imagenet-o'):
+    """What ``ood_detection`` reads, checked before anything is evaluated: ``(folder, its classes, their
+    model outputs, (data_dir, split))``."""
     root = Path(ood_folder).resolve()
     if not root.is_dir():
         raise ConfigError(f'{option} {root} does not exist')
@@ -294,8 +289,6 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
         raise ConfigError(f'{option} compares with ImageFolder validation images under --data-dir, not '
                           f'--dataset {args.dataset}')
     outputs = subset_outputs(classes, loaded.class_to_idx, str(root), flag=option)
-    model = SubsetLogits(loaded.model, outputs).to(dist_info.device)
-    index = {name: i for i, name in enumerate(classes)}
     data_dir, split = _data_location(args, loaded)
     if not (Path(data_dir) / split).is_dir():
         raise ConfigError(f'{option} needs the ImageNet validation images of its classes: '
@@ -304,6 +297,20 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     if missing:   # the in-distribution side must hold every class, or the score compares other things
         raise ConfigError(f'{option} {root}: {len(missing)} of its {len(classes)} classes have no folder in '
                           f'{Path(data_dir) / split}, e.g. {", ".join(missing[:3])}')
+    return root, classes, outputs, (data_dir, split)
+
+
+def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option: str = '--imagenet-o') -> dict:
+    """ImageNet-O's out-of-distribution detection (Hendrycks et al., CVPR 2021, as their code scores it).
+
+    ``ood_folder`` holds ``<wnid>/<images>``: images of no ImageNet-1k class, each filed under the class a
+    classifier mistook it for. They are told apart from the ImageNet validation images of the same classes
+    (``--data-dir`` / ``--split``, the other classes' folders unused) by the confidence over those classes'
+    logits (the largest softmax probability); ``ood_measures`` turns the two sets of confidences into AUPR
+    and AUROC (%). Under DDP each rank scores its shard and the scores are gathered."""
+    root, classes, outputs, (data_dir, split) = check_ood_inputs(args, loaded, ood_folder, option)
+    model = SubsetLogits(loaded.model, outputs).to(dist_info.device)
+    index = {name: i for i, name in enumerate(classes)}
     datasets = {'in': image_folder(data_dir, split, False, index, select=True),
                 'ood': image_folder(str(root.parent), root.name, False, index)}
     data_config = _data_config(args, loaded)

@@ -31,7 +31,8 @@ from mixpro.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
 from mixpro.config import ConfigError  # noqa: E402
 from mixpro.distributed import cleanup, init_distributed  # noqa: E402
 from mixpro.pictures import line_plot  # noqa: E402
-from mixpro.validation import evaluate_loaded, load_model, ood_detection  # noqa: E402
+from mixpro.robustness import read_class_subset, subset_outputs  # noqa: E402
+from mixpro.validation import check_ood_inputs, evaluate_loaded, load_model, ood_detection  # noqa: E402
 
 DEFAULT_RATIOS = [round(0.1 * k, 1) for k in range(1, 10)]
 
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument('--imagenet-o', default=None, metavar='DIR', help='the ImageNet-O folder (<wnid>/<images>)')
     parser.add_argument('--output', required=True, metavar='FILE', help='the table: .md (markdown) or .csv')
     own, rest = parser.parse_known_args(argv)
+    for flag, folder in (('--imagenet-a', own.imagenet_a), ('--imagenet-r', own.imagenet_r),
+                         ('--imagenet-o', own.imagenet_o)):
+        if folder and not Path(folder).is_dir():
+            parser.error(f'{flag} {folder} does not exist')
     for name in ('--class-subset', '--results-file', '--dataset'):
         if any(arg == name or arg.startswith(name + '=') for arg in rest):
             parser.error(f'{name} is set by this script')
@@ -110,6 +115,15 @@ def subset_args(base, folder: str, subset: str):
     return args
 
 
+def check_inputs(own, base, loaded) -> None:
+    """What the ImageNet-A/R/O columns need of the model and the folders."""
+    for folder, subset in ((own.imagenet_a, 'imagenet-a'), (own.imagenet_r, 'imagenet-r')):
+        if folder:
+            subset_outputs(read_class_subset(subset), loaded.class_to_idx, subset)
+    if own.imagenet_o:
+        check_ood_inputs(base, loaded, own.imagenet_o)
+
+
 def main(argv=None):
     own, base = parse_args(argv)
     own.occlusion_patch, own.real_labels = base.occlusion_patch, base.real_labels
@@ -119,6 +133,7 @@ def main(argv=None):
         sources = base.checkpoint or [None]
         for checkpoint in sources:
             loaded = load_model(base, checkpoint)
+            check_inputs(own, base, loaded)   # before an hour of evaluations, not after them
             values = {}
             rows = evaluate_loaded(base, loaded, dist_info, [0.0, *own.occlusion])
             values['clean'] = rows[0]['top1']

@@ -105,16 +105,27 @@ def sbatch_file(run: str, config: str, args) -> str:
     ])
 
 
+PLAN_OWNED = ('--config', '-c', '--experiment', '--output', '--data-dir')
+
+
 def check_train_options(config: str, options: list) -> None:
     """Stop on train.py options it would refuse, before 42 jobs are written or submitted (what depends on the
     machine, such as a GPU or the wandb package, is left to the jobs: this may be a login node)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from mixpro.config import ConfigError, parse_train_args
+    given = ' '.join(options)
+    owned = [flag for flag in PLAN_OWNED for option in options if option == flag or option.startswith(flag + '=')]
+    if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
+        sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (--data-dir and --output are '
+                 f'options of plan itself, before --)')
     try:
         parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
-    except (ConfigError, SystemExit) as err:
-        sys.exit(f'error: the train.py options after -- ({" ".join(options)}) are refused: {err}')
+    except ConfigError as err:
+        sys.exit(f'error: the train.py options after -- ({given}) are refused: {err}')
+    except SystemExit as err:   # argparse has printed train.py's usage and the reason above
+        sys.exit(f'error: the train.py options after -- ({given}) are refused'
+                 + (': see the message above' if err.code else ''))
 
 
 def plan(args) -> list:

@@ -165,3 +165,18 @@ def test_class_map_option(tmp_path):
     assert parse_train_args([]).class_map == ''
     assert parse_train_args(['--config', write(tmp_path, 'class_map: classes.txt\n')]).class_map == 'classes.txt'
 
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune needs --torchcompile'),
+    (['--torchcompile', 'aot_eager', '--torchcompile-mode', 'max-autotune'], 'aot_eager would ignore it'),
+    (['--torchcompile', '--torchcompile-mode', 'fastest'], "fastest: inductor's modes are default, .*max-autotune"),
+    (['--torchcompile', 'nope'], '--torchcompile nope is not a torch.compile backend; this torch has: .*inductor'),
+    (['--compile-mixer', 'nope'], '--compile-mixer nope is not a torch.compile backend'),
+])
+def test_compile_settings_that_would_fail_later_or_do_nothing_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_train_args(['--config', str(REPO / 'configs' / 'quickstart_mixpro.yaml'), *flags])
+    args = parse_train_args(['--config', str(REPO / 'configs' / 'quickstart_mixpro.yaml'), '--torchcompile',
+                             '--torchcompile-mode', 'max-autotune', '--compile-mixer', 'aot_eager'])
+    assert (args.torchcompile, args.torchcompile_mode, args.compile_mixer) == ('inductor', 'max-autotune', 'aot_eager')

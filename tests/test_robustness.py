@@ -320,3 +320,19 @@ def test_ood_scores_of_every_rank_are_gathered(tmp_path):
     for rank, (out, err) in zip(ranks, outputs):
         assert rank.returncode == 0, err
     assert [out.strip() for out, _ in outputs] == ['rank 0: [10.0]', 'rank 1: [10.0]']   # rank 0 had none
+
+
+def test_robustness_checks_its_folders_before_evaluating(colour_model, tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+    import robustness
+    root, weights = colour_model
+    out = tmp_path / 'robust.md'
+    common = [str(weights), *SMALL, '--data-dir', str(root), '--output', str(out)]
+    with pytest.raises(SystemExit):
+        robustness.main([*common, '--imagenet-o', str(tmp_path / 'nowhere')])
+    err = capsys.readouterr().err
+    assert '--imagenet-o' in err and 'nowhere does not exist' in err
+    (tmp_path / 'imagenet-o' / 'n01440764').mkdir(parents=True)     # a class the 3-colour model does not name
+    with pytest.raises(SystemExit, match='--imagenet-o .* needs the names of the model'):
+        robustness.main([*common, '--imagenet-o', str(tmp_path / 'imagenet-o')])
+    assert 'evaluating' not in capsys.readouterr().out and not out.exists()   # refused before any evaluation

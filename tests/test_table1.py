@@ -50,6 +50,13 @@ def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_pa
     with pytest.raises(SystemExit, match='refused: unknown option --lgo-wandb; did you mean --log-wandb'):
         table1.main(['plan', '--slurm', str(tmp_path / 'typo'), '--', '--lgo-wandb'])
     assert not (tmp_path / 'typo').exists()                  # nothing written for 42 jobs that would fail
+    for refused, message in ((['--compile-mixer', 'nope'], 'is not a torch.compile backend'),
+                             (['--experiment', 'all'], 'set by the plan for each run'),
+                             (['--output=/elsewhere'], 'set by the plan for each run'),
+                             (['--epochs', 'abc'], 'refused: see the message above')):
+        with pytest.raises(SystemExit, match=message):
+            table1.main(['plan', '--slurm', str(tmp_path / 'bad'), '--', *refused])
+    assert not (tmp_path / 'bad').exists()
 
 
 def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tmp_path, capsys):
