@@ -36,7 +36,7 @@ from timm.utils.misc import natural_key
 
 from .config import ConfigError
 from .distributed import DistInfo
-from .skipped import name_skipped_files
+from .skipped import measured, name_skipped_files
 
 _IMAGE_EXTENSIONS = get_img_extensions(as_set=True)
 
@@ -486,7 +486,7 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
             return torch.utils.data.DataLoader(_NoImages(), batch_size=batch_size)
     else:
         sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+    loader = torch.utils.data.DataLoader(measured(dataset), batch_size=batch_size, sampler=sampler,
                                          collate_fn=fast_collate if prefetch else None,
                                          **_worker_options(workers, pin_mem, dist_info.device))
     if prefetch:

@@ -11,6 +11,7 @@ from timm.utils import dispatch_clip_grad
 from .distributed import all_reduce_min, all_reduce_sum
 from .logger import format_eta
 from .pictures import mix_snapshot
+from .skipped import UNREADABLE
 
 
 def unwrap_model(model):
@@ -232,9 +233,11 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, d
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp=nullcontext()) -> dict:
-    """Top-1, top-5 and cross-entropy over the whole loader, summed over all ranks."""
+    """Top-1, top-5 and cross-entropy over the whole loader, summed over all ranks. Images labelled
+    ``UNREADABLE`` (a neighbour stood in for them) are left out and counted as ``unreadable``."""
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)   # loss sum, top-1 hits, top-5 hits
+    # loss sum, top-1 hits, top-5 hits, images measured
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
     count = 0                                                        # counted on the host: no copy per batch
     for x, y in loader:
         count += y.numel()
@@ -243,14 +246,15 @@ def evaluate(model, loader, device, amp=nullcontext()) -> dict:
             logits = model(x)
         logits = logits.float()
         k = min(5, logits.shape[1])
-        hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))
-        totals += torch.stack([F.cross_entropy(logits, y, reduction='sum').double(),
-                               hits[:, 0].sum().double(), hits.any(1).sum().double()])
+        hits = logits.topk(k, dim=1).indices.eq(y.view(-1, 1))       # never true for UNREADABLE (-1)
+        loss = F.cross_entropy(logits, y, reduction='sum', ignore_index=UNREADABLE)
+        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(1).sum().double(),
+                               (y != UNREADABLE).sum().double()])
     totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64, device=device)])
-    loss, top1, top5, count = all_reduce_sum(totals).tolist()
-    count = max(count, 1.0)
-    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count,
-            'count': int(count)}
+    loss, top1, top5, measured, count = all_reduce_sum(totals).tolist()
+    scale = max(measured, 1.0)
+    return {'loss': loss / scale, 'top1': 100.0 * top1 / scale, 'top5': 100.0 * top5 / scale,
+            'count': int(measured), 'unreadable': int(count - measured)}
 
 
 @torch.no_grad()
@@ -258,11 +262,12 @@ def max_softmax(model, loader, device, amp=nullcontext()) -> torch.Tensor:
     """Each image's largest softmax probability (its confidence), this rank's images in loader order, on the CPU."""
     model.eval()
     confidence = []
-    for x, _ in loader:
+    for x, y in loader:
         with amp:
             logits = model(x.to(device, non_blocking=True))
-        confidence.append(logits.float().softmax(1).amax(1))
-    return torch.cat(confidence).cpu() if confidence else torch.zeros(0)
+        measured = (y != UNREADABLE).cpu()                            # a neighbour's image is not this one's score
+        confidence.append(logits.float().softmax(1).amax(1).cpu()[measured])
+    return torch.cat(confidence) if confidence else torch.zeros(0)
 
 
 def updates_per_epoch(steps: int, accum: int) -> int:

@@ -1,18 +1,25 @@
-"""Name the file behind timm's "Skipped sample (index N)" warning.
+"""Name the file behind timm's "Skipped sample (index N)" warning, and keep substitutes out of evaluations.
 
 timm's ``ImageDataset`` skips an image it cannot read and uses the next sample in its place, logging
 only the sample index and Pillow's message, which names the file for some errors (unidentified image)
 but not for others (truncated image). Finding the file then means mapping the index through the sorted
 folder list by hand. ``name_skipped_files`` wraps a dataset's reader so that each read remembers its
 sample; a filter on timm's logger puts that sample's path into the warning, with a count per process.
+
+In training a substitute image is harmless; in an evaluation it would count its neighbour twice.
+``MeasuredSamples`` labels such a sample ``UNREADABLE`` (-1), which the evaluation leaves out and counts.
 """
 import logging
 import os
 import re
 
+import torch
+
 _SKIP_MESSAGE = re.compile(r'Skipped sample \(index (\d+)\)\.\s*(.*)', re.DOTALL)
 _last_read = None            # (reader, index) of the latest read in this process (one thread per worker)
+_reads = 0                   # reads in this process: more than one for a sample means a substitute
 _skipped_here = 0            # images skipped by this process (a loader worker or the main process)
+UNREADABLE = -1              # the label of a sample whose own image could not be read
 
 
 class _RememberingReader:
@@ -22,8 +29,9 @@ class _RememberingReader:
         self.reader = reader
 
     def __getitem__(self, index):
-        global _last_read
+        global _last_read, _reads
         _last_read = (self.reader, index)   # before the read: a missing file fails inside it
+        _reads += 1
         return self.reader[index]
 
     def __len__(self):
@@ -67,6 +75,27 @@ class _NameSkippedFile(logging.Filter):
 # installed on import, so in every process that imports mixpro.data: the training process, the forkserver
 # that starts the loader workers (it preloads mixpro.data) and so the workers
 logging.getLogger('timm.data.dataset').addFilter(_NameSkippedFile())
+
+
+class MeasuredSamples(torch.utils.data.Dataset):
+    """An evaluation's view of a dataset whose reader ``name_skipped_files`` wrapped: a sample that timm
+    replaced by its neighbour (its own image unreadable) gets the label ``UNREADABLE``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        before = _reads
+        image, target = self.dataset[index]
+        return image, (UNREADABLE if _reads - before > 1 else target)
+
+
+def measured(dataset):
+    """``dataset`` for an evaluation: wrapped in ``MeasuredSamples`` where substitutes can be told apart."""
+    return MeasuredSamples(dataset) if isinstance(getattr(dataset, 'reader', None), _RememberingReader) else dataset
 
 
 def name_skipped_files(dataset):

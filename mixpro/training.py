@@ -473,6 +473,9 @@ def run(args) -> dict:
                 barrier()
                 return {'epoch': epoch, 'stopped_by': stop.signum}
             evals = {'eval': evaluate(eval_model, val_loader, device, amp)}
+            if evals['eval']['unreadable'] and primary:
+                print(f"note: {evals['eval']['unreadable']} validation image(s) could not be read and are left out "
+                      f"of the evaluation (the warnings above name them)", flush=True)
             if ema is not None:
                 evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
             lr_now = current_lr(optimizer)   # the lr this epoch trained with

@@ -260,7 +260,8 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
             metrics = evaluate(model, batches, dist_info.device, amp)
             row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
                    'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
-                   'samples': metrics['count'], 'top1': metrics['top1'], 'top5': metrics['top5'],
+                   'samples': metrics['count'], 'unreadable': metrics['unreadable'], 'top1': metrics['top1'],
+                   'top5': metrics['top5'],
                    'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
             real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
             row.update(real or {})
@@ -270,7 +271,7 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
                 subset = f' [{args.class_subset}]' if args.class_subset else ''
                 print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
                       f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
-                      f"({metrics['count']} images){_real_summary(real)}", flush=True)
+                      f"({metrics['count']} images{_unreadable_note(metrics)}){_real_summary(real)}", flush=True)
     finally:
         stop_workers(loader)   # also after an exception: exit would wait on them forever
     return rows
@@ -329,6 +330,11 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
               f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
               f"{Path(data_dir) / split} in its {len(classes)} classes)", flush=True)
     return measures
+
+
+def _unreadable_note(metrics: dict) -> str:
+    count = metrics['unreadable']
+    return f'; {count} unreadable, left out: the warnings above name them' if count else ''
 
 
 def _real_summary(real: Optional[dict]) -> str:

@@ -245,6 +245,19 @@ def test_a_truncated_image_is_named_in_the_skip_warning(own_data, caplog):
     assert len(skips) == 1 and str(broken) in skips[0] and 'truncated' in skips[0], skips
 
 
+def test_an_unreadable_val_image_is_left_out_of_the_numbers_not_counted_twice(own_data, tmp_path):
+    train.main(train_args(own_data, tmp_path / 'out', 'run', 'mixpro', 1, '--batch-size', '2'))
+    validate_args = ['--checkpoint', str(tmp_path / 'out' / 'run' / 'last.pth.tar'), '--data-dir', str(own_data),
+                     '--workers', '0', '--device', 'cpu', '--batch-size', '4']
+    broken = _truncate(own_data / 'val' / 'class1' / '0.png')
+    with_broken = validate.main(validate_args)[0]                    # timm hands over class1/1.png in its place
+    broken.unlink()
+    without = validate.main(validate_args)[0]
+    assert with_broken['unreadable'] == 1 and without['unreadable'] == 0
+    assert with_broken['samples'] == without['samples'] == 5
+    assert with_broken['top1'] == without['top1'] and with_broken['loss'] == pytest.approx(without['loss'], rel=1e-5)
+
+
 def test_a_loader_worker_names_the_truncated_image(own_data):
     """Workers start from the forkserver and unpickle the dataset: the naming must travel with it."""
     broken = _truncate(own_data / 'val' / 'class2' / '0.png')
