@@ -30,13 +30,15 @@ class RunLogger:
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_epoch or None)
 
     def _truncate_summary(self, start_epoch: int) -> None:
-        """Drop rows of epochs that will be trained again after a resume."""
+        """Drop rows of epochs that will be trained again after a resume, and a last row a kill cut off
+        mid-write (no newline at its end: the next append would run on from it)."""
         if not self.summary.exists():
             return
-        with self.summary.open() as f:
-            rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(r['epoch']) < start_epoch]
-        if len(kept) == len(rows):
+        lines = self.summary.read_text().splitlines(keepends=True)
+        cut = bool(lines) and not lines[-1].endswith('\n')
+        rows = list(csv.DictReader(lines[:-1] if cut else lines))
+        kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
+        if len(kept) == len(rows) and not cut:
             return
         text = io.StringIO(newline='')
         if kept:

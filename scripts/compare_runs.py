@@ -70,16 +70,28 @@ def _number(text):
         return None
 
 
-def read_summary(path):
-    """{epoch: {column: float}} from a timm summary.csv; a resumed run's repeated epoch keeps its last row."""
+def read_summary(path, notes=None):
+    """{epoch: {column: float}} from a timm summary.csv; a resumed run's repeated epoch keeps its last row.
+
+    A row cut off by a kill during its write is left out (its last cell could read 33 for 33.33), with a
+    line in ``notes``: the file's last line when it does not end in a newline, and any row with missing cells."""
+    text = Path(path).read_text()
+    lines = text.splitlines(keepends=True)
+    dropped = 0
+    if lines and not lines[-1].endswith('\n') and len(lines) > 1:
+        lines, dropped = lines[:-1], 1
     epochs = {}
-    with open(path, newline='') as f:
-        for row in csv.DictReader(f):
-            epoch = _number(row.get('epoch'))
-            if epoch is None:
-                continue
-            # key None holds surplus cells of a row longer than the header: not addressable by name
-            epochs[int(epoch)] = {k: _number(v) for k, v in row.items() if k not in (None, 'epoch')}
+    for row in csv.DictReader(lines):
+        epoch = _number(row.get('epoch'))
+        if epoch is None:
+            continue
+        if any(value is None for key, value in row.items() if key is not None):   # fewer cells than the header
+            dropped += 1
+            continue
+        # key None holds surplus cells of a row longer than the header: not addressable by name
+        epochs[int(epoch)] = {k: _number(v) for k, v in row.items() if k not in (None, 'epoch')}
+    if dropped and notes is not None:
+        notes.append(f'summary.csv: {dropped} row(s) cut off mid-write left out')
     return epochs
 
 
@@ -180,7 +192,7 @@ def collect_run(folder):
     has_events = any(folder.rglob('events.out.tfevents.*'))
     if summary_path.is_file():
         try:
-            epochs = read_summary(summary_path)
+            epochs = read_summary(summary_path, notes)
             row['source'] = 'summary.csv'
             if not epochs:
                 notes.append('summary.csv has no epochs')

@@ -109,6 +109,17 @@ def test_unfinished_run_without_ema(runs):
     assert row['best_epoch'] == 1
 
 
+@pytest.mark.parametrize('cut_at', ['2,1.6,1.3,68', '2,1.6'])
+def test_a_row_cut_off_mid_write_is_left_out_and_said(runs, cut_at):
+    """A kill during the append leaves '...,68' for 68.0 or a row missing its cells: never shown as measured."""
+    summary = runs / 'deit_mixpro' / 'summary.csv'
+    lines = summary.read_text().splitlines(keepends=True)
+    summary.write_text(''.join(lines[:-1]) + cut_at)                # the last row, cut, without its newline
+    (row,) = compare_runs.collect_runs([runs / 'deit_mixpro'])
+    assert row['epochs_done'] == 2 and row['final_top1'] == pytest.approx(72.25) and row['unfinished'] is True
+    assert 'cut off mid-write' in row['note']
+
+
 def test_tensorboard_fallback(runs):
     (row,) = compare_runs.collect_runs([runs / 'cait_transmix'])
     assert row['source'] == 'tensorboard'

@@ -359,6 +359,14 @@ def test_a_full_disk_is_named_and_keeps_the_old_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']
 
 
+def test_a_summary_row_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
+    from mixpro.logger import RunLogger
+    (tmp_path / 'summary.csv').write_text('epoch,train_loss,eval_top1\n0,2.0,40.0\n1,1.5,55.0\n1')   # '1' of '12,...'
+    RunLogger(tmp_path, start_epoch=2).close()
+    assert (tmp_path / 'summary.csv').read_text().split() == ['epoch,train_loss,eval_top1', '0,2.0,40.0', '1,1.5,55.0']
+    assert (tmp_path / 'summary.csv').read_text().endswith('\n')        # the next epoch's row starts a line
+
+
 def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, capsys):
     args = train_args(data_dir, tmp_path, 'torn', 'transmix', 2)
     train.main(args)
