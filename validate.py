@@ -12,9 +12,10 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mixpro.checkpoint import CheckpointError
-from mixpro.config import ConfigError, KeyValueAction
+from mixpro.config import ConfigError, KeyValueAction, check_device
 from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.validation import run
 
@@ -60,20 +61,26 @@ def parse_args(argv=None):
     run_group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                            help="autocast the forward pass (default: as the checkpoint's run; off for other weights)")
     run_group.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
-                           help="autocast dtype (default: the checkpoint's)")
+                           help="autocast dtype; implies --amp (default: the checkpoint's)")
     run_group.add_argument('--device', default=None)
     run_group.add_argument('--results-file', default=None,
                            help='write results here (.json: an object, or a list for several rows; .csv)')
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.pretrained:
         parser.error('give --checkpoint FILE… or --model NAME --pretrained')
+    if args.results_file and Path(args.results_file).is_dir():   # found before the evaluation, not after it
+        raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     return args
 
 
 def main(argv=None):
     """Returns one result row per checkpoint and occlusion ratio."""
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        check_device(args.device)
+        return run(args)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f'error: {err}')
 

@@ -341,7 +341,7 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
     if not check_machine:
         return
     _check_output(args)
-    _check_device(args.device)
+    check_device(args.device)
     if args.log_wandb and importlib.util.find_spec('wandb') is None:
         raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
 
@@ -383,7 +383,8 @@ def _check_output(args) -> None:
                               else f'--output {args.output}: {path} is a file, not a folder')
 
 
-def _check_device(device: Optional[str]) -> None:
+def check_device(device: Optional[str]) -> None:
+    """``--device`` names a device torch knows and this machine has."""
     if device is None:
         return
     try:

@@ -143,7 +143,7 @@ def check_same_run(saved: dict, args, path: Path) -> None:
     if differing:
         details = ', '.join(f'{k}: {saved[k]!r} -> {current[k]!r}' for k in differing[:6])
         raise ConfigError(f'{path} belongs to a run with other settings ({details}); give this run its own '
-                          f'--experiment, or --resume none to start it afresh')
+                          f'--experiment (or move that run folder away to start afresh in its place)')
 
 
 def _comparable(value):

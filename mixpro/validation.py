@@ -22,8 +22,8 @@ from .distributed import cleanup, gather_cat, init_distributed
 from .engine import evaluate, max_softmax
 from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
 from .real_labels import RealLabelScorer, check_real_request, read_real_labels, real_label_sets
-from .robustness import (OccludedBatches, SubsetLogits, imagenet_class_index, ood_measures, read_class_subset,
-                         subset_outputs)
+from .robustness import (OccludedBatches, SubsetLogits, dropped_count, imagenet_class_index, ood_measures,
+                         read_class_subset, subset_outputs)
 from .training import build_model   # the same model construction as training
 
 
@@ -112,9 +112,13 @@ def _class_names(class_map: Optional[str], num_classes: int) -> Optional[Dict[st
     """Names of a timm model's outputs: ``--class-map`` (timm format), else ImageNet-1k's WordNet ids."""
     if class_map:
         try:
-            return dict(load_class_map(class_map))
+            names = dict(load_class_map(class_map))
         except (AssertionError, OSError, ValueError) as err:
             raise ConfigError(f'--class-map {class_map} cannot be read: {err}') from err
+        if len(names) > num_classes:
+            raise ConfigError(f'--class-map {class_map} names {len(names)} classes but the model has '
+                              f'{num_classes} outputs')
+        return names
     return imagenet_class_index() if num_classes == 1000 else None
 
 
@@ -124,6 +128,9 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
     if is_run_checkpoint(state):
         if args.pretrained:
             raise ConfigError(f'--pretrained with {checkpoint}: a train.py checkpoint carries its own weights')
+        if args.model_kwargs:
+            raise ConfigError(f'--model-kwargs with {checkpoint}: a train.py checkpoint rebuilds its own model '
+                              f'(the option is for --model weights)')
         model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
                                                                 args.img_size)
         if args.class_map:
@@ -137,7 +144,7 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
 def precision(args, train_args) -> Tuple[Optional[torch.dtype], str]:
     """The autocast dtype to evaluate with (None: fp32) and where it comes from: ``--amp`` /
     ``--amp-dtype`` when given, else the checkpoint's own training precision, as its run evaluated."""
-    amp = train_args.amp if args.amp is None else args.amp
+    amp = (train_args.amp or bool(args.amp_dtype)) if args.amp is None else args.amp   # a dtype asks for autocast
     name = args.amp_dtype or train_args.amp_dtype
     source = 'from the checkpoint' if args.amp is None and args.amp_dtype is None else 'as asked'
     if not amp:
@@ -245,6 +252,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
 def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List[dict]:
     """One result row per occlusion ratio for an already loaded model, on the data ``args`` names."""
     loader, model, data_config, split = build_eval_data(args, loaded, dist_info)
+    _check_occlusion(ratios, data_config['input_size'][-2:], args.occlusion_patch)
     model.to(dist_info.device)
     amp_dtype, precision_note = precision(args, loaded.args)
     amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -330,6 +338,15 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
               f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
               f"{Path(data_dir) / split} in its {len(classes)} classes)", flush=True)
     return measures
+
+
+def _check_occlusion(ratios, size, patch: int) -> None:
+    """A ratio that drops no patch would report the clean numbers under an occlusion label."""
+    patches = (size[0] // patch) * (size[1] // patch)
+    for ratio in ratios:
+        if ratio > 0 and dropped_count(ratio, patches) == 0:
+            raise ConfigError(f'--occlusion {ratio:g} drops none of the {patches} patch(es) of a {size[0]}x{size[1]} '
+                              f'image cut into --occlusion-patch {patch} px patches: use smaller patches')
 
 
 def _unreadable_note(metrics: dict) -> str:

@@ -285,7 +285,10 @@ def main(argv=None):
     rows = sort_rows(rows, args.sort)
     print(to_markdown(rows), end='')
     if args.csv:
-        write_csv(rows, args.csv)
+        try:
+            write_csv(rows, args.csv)
+        except OSError as err:   # a folder, a missing parent, no permission: the table above is still printed
+            sys.exit(f'error: --csv {args.csv} cannot be written: {err}')
         print(f'wrote {args.csv}', file=sys.stderr)
     return 0
 

@@ -125,7 +125,10 @@ def check_inputs(own, base, loaded) -> None:
 
 
 def main(argv=None):
-    own, base = parse_args(argv)
+    try:
+        own, base = parse_args(argv)
+    except ConfigError as err:
+        sys.exit(f'error: {err}')
     own.occlusion_patch, own.real_labels = base.occlusion_patch, base.real_labels
     dist_info = init_distributed(base.device)
     table = []

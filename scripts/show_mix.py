@@ -18,6 +18,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+from PIL import Image
 import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.size < 16:
         parser.error('--pairs must be >= 1 and --size >= 16')
+    if Path(args.output).suffix.lower() not in Image.registered_extensions() or Path(args.output).is_dir():
+        parser.error(f'--output {args.output}: name a picture file (.png, .jpg)')
     return args
 
 
@@ -149,8 +152,11 @@ def main(argv=None):
             lines.append(text)
         captions.append(lines)
     sheet = compose(rows, captions, args.size, titles=COLUMNS)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.output)
+    try:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(args.output)
+    except OSError as err:
+        sys.exit(f'error: --output {args.output} cannot be written: {err}')
     print(f'wrote {args.output}: {args.pairs} pairs of {Path(args.data_dir or train_args.data_dir) / args.split}')
     return sheet
 

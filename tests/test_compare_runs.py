@@ -170,6 +170,8 @@ def test_markdown_and_csv(runs, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [r['run'] for r in table] == ['deit_mixpro', 'cait_transmix', 'deit_cutmix', 'broken']
     assert float(table[1]['best_top1']) == pytest.approx(62.5)
+    with pytest.raises(SystemExit, match=f'--csv {tmp_path} cannot be written'):   # a folder: one line, table shown
+        compare_runs.main([str(runs), '--csv', str(tmp_path)])
 
 
 def test_prepare_digits(tmp_path):

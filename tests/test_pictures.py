@@ -43,6 +43,10 @@ def test_show_mix_draws_the_pairs(mixpro_run, tmp_path, capsys):
         assert tokens.max() == 255 and tokens.min() == 0          # white and black tokens: A's and B's
     with pytest.raises(SystemExit, match='too few'):
         show_mix.main(['--checkpoint', str(mixpro_run / 'last.pth.tar'), '--output', str(out), '--pairs', '20'])
+    for bad in (tmp_path / 'no_extension', tmp_path):              # not a picture file: refused before drawing
+        with pytest.raises(SystemExit):
+            show_mix.main(['--checkpoint', str(mixpro_run / 'last.pth.tar'), '--output', str(bad)])
+        assert 'name a picture file' in capsys.readouterr().err
 
 
 def test_tensorboard_grid_has_captions_and_attention(mixpro_run):
