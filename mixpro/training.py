@@ -380,6 +380,9 @@ def run(args) -> dict:
             model.to(memory_format=torch.channels_last)
 
         lr = resolve_lr(args, dist_info.world_size)
+        if lr < args.min_lr and args.sched in ('cosine', 'tanh', 'poly') and primary:   # they would climb to it
+            print(f'note: lr {lr:.3e} is below --min-lr {args.min_lr:.3e}: after warmup the schedule would raise '
+                  f'the lr towards min_lr; set --min-lr lower (or --lr / --lr-base higher)', flush=True)
         optimizer = build_optimizer(model, args, lr)
         amp, scaler = mixed_precision(args, device, primary)
         loader, val_loader = build_loaders(args, train_set, val_set, data_config, dist_info)

@@ -448,6 +448,13 @@ def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
         train.main(train_args(data_dir, tmp_path, 'bad', 'mixpro', 1, *extra))
 
 
+def test_an_lr_below_min_lr_is_pointed_out(data_dir, tmp_path, capsys):
+    train.main(train_args(data_dir, tmp_path, 'low', 'mixup_cutmix', 1, '--lr', '1e-6', '--min-lr', '1e-5'))
+    assert 'note: lr 1.000e-06 is below --min-lr 1.000e-05' in capsys.readouterr().out
+    train.main(train_args(data_dir, tmp_path, 'fine', 'mixup_cutmix', 1))
+    assert 'is below --min-lr' not in capsys.readouterr().out
+
+
 def test_validate_with_another_model_or_a_bad_results_file_is_one_line(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     path = str(tmp_path / 'run' / 'last.pth.tar')
