@@ -342,7 +342,13 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         return
     _check_output(args)
     check_device(args.device)
-    if args.log_wandb and importlib.util.find_spec('wandb') is None:
+    if args.log_wandb:
+        require_wandb()
+
+
+def require_wandb() -> None:
+    """``--log-wandb`` needs the optional ``wandb`` package."""
+    if importlib.util.find_spec('wandb') is None:
         raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
 
 

@@ -1,7 +1,6 @@
 """What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console, and with
 ``--log-wandb`` the same scalars and pictures on Weights & Biases."""
 import csv
-import importlib.util
 import io
 import uuid
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Optional
 from timm.utils import update_summary
 
 from .checkpoint import atomic_write_text
-from .config import ConfigError
+from .config import ConfigError, require_wandb
 from .pictures import snapshot_sheet, to_tensor
 
 WANDB_ID_FILE = 'wandb_id.txt'
@@ -93,8 +92,7 @@ class WandbMirror:
     refused. Offline clusters: ``WANDB_MODE=offline``, then ``wandb sync`` the run folder's ``wandb/``."""
 
     def __init__(self, run_dir: Path, **settings):
-        if importlib.util.find_spec('wandb') is None:
-            raise ConfigError("--log-wandb needs the 'wandb' package: pip install wandb")
+        require_wandb()
         import wandb
         self._wandb = wandb
         id_file = run_dir / WANDB_ID_FILE
