@@ -79,6 +79,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--grad-checkpointing', action=flag, default=False,
                        help="recompute each block's activations in the backward pass (timm): less memory for "
                             "the large models, at about a third more compute")
+    group.add_argument('--sync-bn', action=flag, default=False,
+                       help="BatchNorm statistics over the global batch in every step (torch SyncBatchNorm, CUDA "
+                            "only); of the Table-1 families only XCiT has BatchNorm")
+    group.add_argument('--dist-bn', default='reduce', choices=['reduce', 'broadcast', 'none'],
+                       help="after each epoch, before evaluating and saving, give every process the same BatchNorm "
+                            "running statistics: their mean (reduce) or rank 0's (broadcast), as timm's --dist-bn")
     group.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
                        help='torch.compile backend (bare flag: inductor)')
     group.add_argument('--torchcompile-mode', default=None,
@@ -342,6 +348,9 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         return
     _check_output(args)
     check_device(args.device)
+    if args.sync_bn and not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda'):
+        raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only (on CPU, --dist-bn "
+                          "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
 

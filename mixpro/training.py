@@ -15,7 +15,7 @@ from timm.data import resolve_data_config
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 
 from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
@@ -61,6 +61,27 @@ def build_model(args, num_classes: int):
             raise ConfigError(f"--grad-checkpointing: model '{args.model}' cannot recompute its blocks "
                               f'({type(err).__name__}: {err}); train it without') from err
     return model
+
+
+def use_sync_bn(model, args, dist_info: DistInfo):
+    """``model`` with SyncBatchNorm in place of BatchNorm where --sync-bn asks for it and it can act."""
+    if not args.sync_bn:
+        return model
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not (has_bn and dist_info.distributed):
+        if dist_info.is_primary:
+            why = f"model '{args.model}' has no BatchNorm layer" if not has_bn else 'the run has one process'
+            print(f'note: --sync-bn changes nothing: {why}', flush=True)
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def share_bn_statistics(models, args, dist_info: DistInfo) -> None:
+    """Give every process the same BatchNorm running statistics (--dist-bn), so that the sharded evaluation
+    scores one model, the one the checkpoint saves (rank 0's): each rank's last forward updated its own."""
+    if dist_info.distributed and args.dist_bn != 'none':
+        for model in models:
+            distribute_bn(model, dist_info.world_size, reduce=args.dist_bn == 'reduce')
 
 
 def label_token_size(model) -> int:
@@ -360,7 +381,7 @@ def run(args) -> dict:
         train_set, val_set, class_to_idx = load_datasets(args, dist_info)
         num_classes = args.num_classes = args.num_classes or num_classes_of(train_set)
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
-        model = build_model(args, num_classes)
+        model = use_sync_bn(build_model(args, num_classes), args, dist_info)
         torch.manual_seed(args.seed + dist_info.rank)   # from here on each rank draws its own randomness
         random.seed(args.seed + dist_info.rank)
         data_config = resolve_data_config(vars(args), model=model, verbose=primary)
@@ -475,6 +496,7 @@ def run(args) -> dict:
                           f'continues from there', flush=True)
                 barrier()
                 return {'epoch': epoch, 'stopped_by': stop.signum}
+            share_bn_statistics([model] + ([ema.module] if ema is not None else []), args, dist_info)
             evals = {'eval': evaluate(eval_model, val_loader, device, amp)}
             if evals['eval']['unreadable'] and primary:
                 print(f"note: {evals['eval']['unreadable']} validation image(s) could not be read and are left out "
