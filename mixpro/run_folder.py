@@ -28,9 +28,13 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / '.lock'
         self.fd = None
+        self.made_folder = False
 
     def acquire(self) -> Optional[str]:
-        """Take the lock; returns a note when the previous holder ended without releasing it."""
+        """Make the run folder where needed and take the lock; returns a note when the previous holder ended
+        without releasing it."""
+        self.made_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,6 +62,10 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            folder = self.path.parent
+            if self.made_folder and [p.name for p in folder.iterdir()] == [self.path.name]:
+                self.path.unlink()   # a run that stopped before writing anything leaves no empty folder behind
+                folder.rmdir()
             os.ftruncate(self.fd, 0)   # empty = released cleanly
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

@@ -234,7 +234,6 @@ def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> 
     """Rank 0 locks the run folder and picks the checkpoint to resume from; every rank gets the pick."""
     path = None
     if dist_info.is_primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
         note = lock.acquire()
         path, notes = choose_resume_checkpoint(args, run_dir)
         if args.resume in (None, '', 'none') and any(run_dir.glob('*.pth.tar')):

@@ -288,6 +288,16 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_o
     assert (run_dir / '.lock').read_text() == ''             # released cleanly at the end
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder_but_keeps_one_it_found(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="model 'no_such_model' is not a timm model"):
+        train.main([*train_args(data_dir, tmp_path, 'new', 'mixpro', 1), '--model', 'no_such_model'])
+    assert not (tmp_path / 'new').exists()
+    (tmp_path / 'mine').mkdir()                               # made by the user: stays, even empty
+    with pytest.raises(SystemExit, match="model 'no_such_model'"):
+        train.main([*train_args(data_dir, tmp_path, 'mine', 'mixpro', 1), '--model', 'no_such_model'])
+    assert (tmp_path / 'mine').is_dir()
+
+
 # ---- 6. checkpoints -----------------------------------------------------------------------------
 def _keeper_run(tmp_path, top1s, keep=2):
     keeper = CheckpointKeeper(tmp_path, keep_best=keep)
