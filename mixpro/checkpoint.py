@@ -124,7 +124,13 @@ class CheckpointKeeper:
     def path(self, epoch: int) -> Path:
         return self.run_dir / f'checkpoint-{epoch}.pth.tar'
 
-    def save(self, state: dict, epoch: int, top1: float) -> None:
+    def save(self, state: dict, epoch: int, top1: Optional[float]) -> None:
+        """``top1`` None: an epoch that was not evaluated (--val-interval), saved as ``last`` only."""
+        if top1 is None:
+            state['checkpoint_ranking'] = [list(r) for r in self.ranking]
+            atomic_save(state, self.run_dir / LAST)
+            (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
+            return
         ranking = self._ranked(self.ranking + [(top1, epoch)])
         kept, dropped = ranking[:self.keep_best], ranking[self.keep_best:]
         state['checkpoint_ranking'] = [list(r) for r in kept]

@@ -170,6 +170,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help='also save a resumable state every N steps within an epoch (interrupted.pth.tar), so '
                             'a hard crash (node failure, kill -9) loses at most N steps; 0: at epoch ends and on '
                             'stop signals only')
+    group.add_argument('--val-interval', type=int, default=1,
+                       help='evaluate every N epochs and after the last (timm); the best-k checkpoints are ranked '
+                            'among the evaluated epochs, and a plateau schedule counts evaluations')
     group.add_argument('--log-interval', type=int, default=50)
     group.add_argument('--image-grid-interval', type=int, default=10,
                        help='epochs between TensorBoard grids of mixed samples (0 = never)')
@@ -318,7 +321,7 @@ _RATE = (lambda v: 0 <= v < 1, 'in [0, 1)')
 # option: (predicate, what it must be). Values must be finite numbers; None only for the keys in _UNSET_OK.
 VALUE_RULES = {
     **dict.fromkeys(['epochs', 'batch_size', 'validation_batch_size', 'grad_accum_steps', 'checkpoint_hist',
-                     'lr_base_size', 'mask_cell', 'img_size', 'recount'], _AT_LEAST_1),
+                     'lr_base_size', 'mask_cell', 'img_size', 'recount', 'val_interval'], _AT_LEAST_1),
     **dict.fromkeys(['workers', 'mixup', 'cutmix', 'maskmix_alpha', 'warmup_epochs', 'min_lr', 'log_interval',
                      'recovery_interval',
                      'image_grid_interval', 'aug_repeats', 'mixup_off_epoch'], _AT_LEAST_0),

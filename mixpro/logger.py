@@ -47,7 +47,8 @@ class RunLogger:
         atomic_write_text(self.summary, text.getvalue())   # rewritten whole, then renamed: never torn
 
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
-        """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``."""
+        """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``; values of None
+        (an epoch not evaluated) leave their summary.csv cells empty and plot nothing."""
         scalars = {'train/loss': train['loss'], 'train/lr': lr, 'train/epoch_time_s': train['epoch_time_s'],
                    'train/img_per_s': train['img_per_s']}
         for key in ('data_wait_s', 'compute_s', 'peak_memory_gb'):   # where the loop measured them
@@ -57,7 +58,7 @@ class RunLogger:
             if train.get(key) is not None:
                 scalars[f'mix/{key}'] = train[key]
         for prefix, metrics in evals.items():
-            scalars.update({f'{prefix}/{name}': value for name, value in metrics.items()})
+            scalars.update({f'{prefix}/{name}': value for name, value in metrics.items() if value is not None})
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()

@@ -150,8 +150,8 @@ def build_optimizer(model, args, lr: float):
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
-                     'checkpoint_hist', 'torchcompile', 'torchcompile_mode', 'compile_mixer', 'channels_last',
-                     'grad_checkpointing', 'recovery_interval', 'log_wandb', 'wandb_project',
+                     'checkpoint_hist', 'val_interval', 'torchcompile', 'torchcompile_mode', 'compile_mixer',
+                     'channels_last', 'grad_checkpointing', 'recovery_interval', 'log_wandb', 'wandb_project',
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 
@@ -355,10 +355,18 @@ def wandb_settings(args) -> dict:
 
 
 def epoch_line(epoch: int, train_metrics: dict, evals: dict, run_eta: float) -> str:
-    ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if 'eval_ema' in evals else ''
-    return (f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, top-1 {evals['eval']['top1']:.2f}, "
-            f"top-5 {evals['eval']['top5']:.2f}{ema_note}, {train_metrics['img_per_s']:.0f} img/s, "
-            f"run eta {format_eta(run_eta)}")
+    if evals:
+        ema_note = f", EMA top-1 {evals['eval_ema']['top1']:.2f}" if 'eval_ema' in evals else ''
+        scores = f"top-1 {evals['eval']['top1']:.2f}, top-5 {evals['eval']['top5']:.2f}{ema_note}"
+    else:
+        scores = 'not evaluated (--val-interval)'
+    return (f"epoch {epoch}: train loss {train_metrics['loss']:.4f}, {scores}, "
+            f"{train_metrics['img_per_s']:.0f} img/s, run eta {format_eta(run_eta)}")
+
+
+def evaluates_after(epoch: int, args, num_epochs: int) -> bool:
+    """Every --val-interval epochs, counted from the run's start, and after the last epoch."""
+    return (epoch + 1) % args.val_interval == 0 or epoch + 1 >= num_epochs
 
 
 def _count(dataset) -> str:
@@ -495,23 +503,29 @@ def run(args) -> dict:
                           f'continues from there', flush=True)
                 barrier()
                 return {'epoch': epoch, 'stopped_by': stop.signum}
+            # every epoch, evaluated or not, so that each epoch-end checkpoint resumes every rank alike
             share_bn_statistics([model] + ([ema.module] if ema is not None else []), args, dist_info)
-            evals = {'eval': evaluate(eval_model, val_loader, device, amp)}
-            if evals['eval']['unreadable'] and primary:
-                print(f"note: {evals['eval']['unreadable']} validation image(s) could not be read and are left out "
-                      f"of the evaluation (the warnings above name them)", flush=True)
-            if ema is not None:
-                evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
+            evals = {}
+            if evaluates_after(epoch, args, num_epochs):
+                evals['eval'] = evaluate(eval_model, val_loader, device, amp)
+                if evals['eval']['unreadable'] and primary:
+                    print(f"note: {evals['eval']['unreadable']} validation image(s) could not be read and are left "
+                          f"out of the evaluation (the warnings above name them)", flush=True)
+                if ema is not None:
+                    evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
+            top1 = evals['eval']['top1'] if evals else None
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
-            scheduler.step(epoch + 1, evals['eval']['top1'])
+            scheduler.step(epoch + 1, top1)   # a plateau schedule moves on evaluated epochs only
             logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
-            saved = checkpoint(epoch, (epoch + 1, 0), evals=logged)
+            saved = checkpoint(epoch, (epoch + 1, 0), evals=logged or None)
             if primary:
-                logger.log_epoch(epoch, train_metrics, logged, lr_now)
+                unmeasured = {k: dict.fromkeys(('loss', 'top1', 'top5'))   # the same summary.csv columns
+                              for k in ['eval'] + (['eval_ema'] if ema is not None else [])}
+                logger.log_epoch(epoch, train_metrics, logged or unmeasured, lr_now)
                 if train_metrics['samples'] is not None:
                     logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'],
                                       class_names={i: name for name, i in class_to_idx.items()})
-                keeper.save(saved, epoch, evals['eval']['top1'])
+                keeper.save(saved, epoch, top1)
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
                 print(epoch_line(epoch, train_metrics, evals, run_eta), flush=True)
             barrier()

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 import validate
 from conftest import make_image_folder, read_summary, train_args
+from test_compare_runs import load_script
 from mixpro import training
 from mixpro.config import parse_train_args
 
@@ -60,6 +61,33 @@ def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method
     assert float(rows[0]['lr']) == pytest.approx(1e-6)     # epoch 0 trained at the warmup lr
     again = parse_train_args(['--config', str(run_dir / 'config.yaml')])   # the saved config is a recipe
     assert again.mix_method == method and again.model_kwargs == state['args']['model_kwargs']
+
+
+def test_val_interval_evaluates_every_nth_and_the_last_epoch_and_ranks_only_those(data_dir, tmp_path, capsys):
+    result = train.main(train_args(data_dir, tmp_path, 'sparse', 'mixpro', 3, '--val-interval', '2',
+                                   '--model-ema', '--model-ema-decay', '0.5'))
+    run_dir = tmp_path / 'sparse'
+    lines = {line.split(':')[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch')}
+    assert 'not evaluated (--val-interval)' in lines['epoch 0'] and 'top-1' in lines['epoch 1']
+    rows = read_summary(run_dir)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+    assert rows[0]['eval_top1'] == rows[0]['eval_ema_loss'] == ''          # left empty, not made up
+    assert rows[1]['eval_top1'] != '' and float(rows[2]['eval_top1']) == pytest.approx(result['eval']['top1'])
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars('eval/top1')] == [1, 2]
+    assert [e.step for e in events.Scalars('train/loss')] == [0, 1, 2]
+    ranked = torch.load(run_dir / 'last.pth.tar', weights_only=True)['checkpoint_ranking']
+    assert sorted(epoch for _, epoch in ranked) == [1, 2]
+    assert not (run_dir / 'checkpoint-0.pth.tar').exists()
+    compare_runs = load_script('compare_runs')
+    (row,) = compare_runs.collect_runs([run_dir])
+    assert row['epochs_done'] == 3 and row['best_epoch'] in (1, 2)
+    assert row['final_top1'] == pytest.approx(result['eval']['top1'])
+    # an epoch that was not evaluated resumes like any other: its checkpoint has no metric
+    again = train.main(train_args(data_dir, tmp_path, 'sparse', 'mixpro', 4, '--val-interval', '3',
+                                  '--model-ema', '--model-ema-decay', '0.5'))
+    assert again['epoch'] == 3 and 'eval' in again                        # the last epoch is evaluated
 
 
 def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
