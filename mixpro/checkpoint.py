@@ -1,7 +1,7 @@
 """Checkpoints written atomically and loadable with ``torch.load(weights_only=True)``.
 
 Run folder layout (timm's names): ``last.pth.tar`` after every epoch, ``checkpoint-<epoch>.pth.tar``
-for the best ``keep_best`` epochs by top-1, ``model_best.pth.tar``, and ``interrupted.pth.tar`` while a
+for the best ``keep_best`` epochs by top-1 (or ``--eval-metric``), ``model_best.pth.tar``, and ``interrupted.pth.tar`` while a
 run that was stopped mid-epoch (preemption) waits to be resumed.
 
 Crash consistency: ``last.pth.tar`` is the commit point. The best-k files of an epoch are written before
@@ -110,34 +110,37 @@ def resume_position(state: dict) -> Tuple[int, int]:
 
 
 class CheckpointKeeper:
-    """Saves ``last`` every epoch and keeps the best ``keep_best`` epochs by top-1 (ties: the earlier)."""
+    """Saves ``last`` every epoch and keeps the best ``keep_best`` epochs by a metric, top-1 unless told
+    otherwise (ties: the earlier epoch); ``lower_is_better`` for a loss."""
 
-    def __init__(self, run_dir: Path, keep_best: int = 3, ranking: Optional[List[Tuple[float, int]]] = None):
+    def __init__(self, run_dir: Path, keep_best: int = 3, ranking: Optional[List[Tuple[float, int]]] = None,
+                 metric: str = 'top1', lower_is_better: bool = False):
         self.run_dir = Path(run_dir)
         self.keep_best = keep_best
-        self.ranking = self._ranked(ranking or [])   # [(top1, epoch)], best first
+        self.metric, self.sign = metric, 1 if lower_is_better else -1
+        self.ranking = self._ranked(ranking or [])   # [(metric, epoch)], best first
 
-    @staticmethod
-    def _ranked(entries) -> list:
-        return sorted((tuple(e) for e in entries), key=lambda e: (-e[0], e[1]))
+    def _ranked(self, entries) -> list:
+        return sorted((tuple(e) for e in entries), key=lambda e: (self.sign * e[0], e[1]))
 
     def path(self, epoch: int) -> Path:
         return self.run_dir / f'checkpoint-{epoch}.pth.tar'
 
-    def save(self, state: dict, epoch: int, top1: Optional[float]) -> None:
-        """``top1`` None: an epoch that was not evaluated (--val-interval), saved as ``last`` only."""
-        if top1 is None:
+    def save(self, state: dict, epoch: int, value: Optional[float]) -> None:
+        """``value``: the epoch's metric; None for an epoch that was not evaluated (--val-interval), saved as
+        ``last`` only."""
+        if value is None:
             state['checkpoint_ranking'] = [list(r) for r in self.ranking]
             atomic_save(state, self.run_dir / LAST)
             (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
             return
-        ranking = self._ranked(self.ranking + [(top1, epoch)])
+        ranking = self._ranked(self.ranking + [(value, epoch)])
         kept, dropped = ranking[:self.keep_best], ranking[self.keep_best:]
         state['checkpoint_ranking'] = [list(r) for r in kept]
         last = self.run_dir / LAST
-        if (top1, epoch) in kept:                    # best-k files first, `last` (the commit point) after
+        if (value, epoch) in kept:                   # best-k files first, `last` (the commit point) after
             atomic_save(state, self.path(epoch))
-            if kept[0] == (top1, epoch):
+            if kept[0] == (value, epoch):
                 atomic_copy(self.path(epoch), self.run_dir / BEST)
             atomic_copy(self.path(epoch), last)
         else:
@@ -163,14 +166,14 @@ class CheckpointKeeper:
         if not prune:
             return notes
         kept = []
-        for top1, epoch in self.ranking:
+        for value, epoch in self.ranking:
             if not self.path(epoch).exists() and epoch == last_epoch:   # runs of older versions wrote last first
                 atomic_copy(self.run_dir / LAST, self.path(epoch))
                 notes.append(f'restored {self.path(epoch).name} from {LAST}')
             if self.path(epoch).exists():
-                kept.append((top1, epoch))
+                kept.append((value, epoch))
             else:
-                notes.append(f'epoch {epoch} (top-1 {top1:.2f}) left the best-k ranking: '
+                notes.append(f'epoch {epoch} ({self.metric} {value:.4g}) left the best-k ranking: '
                              f'{self.path(epoch).name} was never written')
         self.ranking = kept
         ranked = {self.path(epoch).name for _, epoch in kept}

@@ -166,6 +166,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--experiment', default=None, help='run folder name (default: the config file name)')
     group.add_argument('--resume', default='auto', help="'auto' (run folder's last checkpoint), a path, or 'none'")
     group.add_argument('--checkpoint-hist', type=int, default=3, help='best checkpoints kept')
+    group.add_argument('--eval-metric', default='top1', choices=EVAL_METRICS,
+                       help='what ranks the best checkpoints and drives a plateau schedule (timm); ema_* rank by '
+                            'the EMA weights (--model-ema); a loss ranks lowest first')
     group.add_argument('--recovery-interval', type=int, default=0,
                        help='also save a resumable state every N steps within an epoch (interrupted.pth.tar), so '
                             'a hard crash (node failure, kill -9) loses at most N steps; 0: at epoch ends and on '
@@ -180,6 +183,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="also log to Weights & Biases (pip install wandb; offline: WANDB_MODE=offline)")
     group.add_argument('--wandb-project', default='mixpro', help='W&B project (the run is named --experiment)')
     group.add_argument('--device', default=None, help='default: cuda when available, else cpu')
+
+
+# --eval-metric: <metric> of the raw weights' evaluation, ema_<metric> of the EMA weights'
+EVAL_METRICS = ['top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss']
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -346,6 +353,8 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
             name = key if key in _KEY_NAMED else options[key].option_strings[0]
             raise ConfigError(f'{name} must be {what}, got {value!r}')
+    if args.eval_metric.startswith('ema_') and not args.model_ema:
+        raise ConfigError(f'--eval-metric {args.eval_metric} ranks by the EMA weights: it needs --model-ema')
     _check_compile(args)
     if not check_machine:
         return

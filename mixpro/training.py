@@ -265,7 +265,7 @@ def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_s
         'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler else None,
         'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-        'metric': evals['eval']['top1'] if evals else None, 'eval_metrics': evals, 'rng_states': rank_states,
+        'metric': ranking_metric(evals, args), 'eval_metrics': evals, 'rng_states': rank_states,
     }
 
 
@@ -364,6 +364,14 @@ def epoch_line(epoch: int, train_metrics: dict, evals: dict, run_eta: float) -> 
             f"{train_metrics['img_per_s']:.0f} img/s, run eta {format_eta(run_eta)}")
 
 
+def ranking_metric(evals: dict, args) -> Optional[float]:
+    """The --eval-metric value of an epoch's evaluations; None where the epoch was not evaluated."""
+    if not evals:
+        return None
+    ema, name = args.eval_metric.startswith('ema_'), args.eval_metric.removeprefix('ema_')
+    return evals['eval_ema' if ema else 'eval'][name]
+
+
 def evaluates_after(epoch: int, args, num_epochs: int) -> bool:
     """Every --val-interval epochs, counted from the run's start, and after the last epoch."""
     return (epoch + 1) % args.val_interval == 0 or epoch + 1 >= num_epochs
@@ -421,7 +429,8 @@ def run(args) -> dict:
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch)
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch,
+            plateau_mode='min' if args.eval_metric.endswith('loss') else 'max')
 
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
         if state.get('class_to_idx') and state['class_to_idx'] != class_to_idx:
@@ -455,7 +464,8 @@ def run(args) -> dict:
         if primary:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
-            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []))
+            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []),
+                                      args.eval_metric, lower_is_better=args.eval_metric.endswith('loss'))
             for note in keeper.tidy(prune=args.resume == 'auto'):
                 print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
@@ -513,9 +523,9 @@ def run(args) -> dict:
                           f"out of the evaluation (the warnings above name them)", flush=True)
                 if ema is not None:
                     evals['eval_ema'] = evaluate(ema.module, val_loader, device, amp)
-            top1 = evals['eval']['top1'] if evals else None
+            metric = ranking_metric(evals, args)
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
-            scheduler.step(epoch + 1, top1)   # a plateau schedule moves on evaluated epochs only
+            scheduler.step(epoch + 1, metric)   # a plateau schedule moves on evaluated epochs only
             logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
             saved = checkpoint(epoch, (epoch + 1, 0), evals=logged or None)
             if primary:
@@ -525,7 +535,7 @@ def run(args) -> dict:
                 if train_metrics['samples'] is not None:
                     logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'],
                                       class_names={i: name for name, i in class_to_idx.items()})
-                keeper.save(saved, epoch, top1)
+                keeper.save(saved, epoch, metric)
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
                 print(epoch_line(epoch, train_metrics, evals, run_eta), flush=True)
             barrier()
@@ -536,7 +546,9 @@ def run(args) -> dict:
                           f'with --resume auto continues from there', flush=True)
                 return {**result, 'stopped_by': stop.signum}
         if primary and keeper.ranking:
-            print(f'best top-1 {keeper.ranking[0][0]:.2f} at epoch {keeper.ranking[0][1]}', flush=True)
+            digits = 4 if args.eval_metric.endswith('loss') else 2
+            print(f'best {args.eval_metric} {keeper.ranking[0][0]:.{digits}f} at epoch {keeper.ranking[0][1]}',
+                  flush=True)
         return result
     except BaseException:
         failed = True

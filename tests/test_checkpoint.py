@@ -47,6 +47,17 @@ def test_keeper_keeps_the_best_k_and_model_best(tmp_path):
     assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 5
 
 
+def test_keeper_ranks_a_loss_lowest_first_and_skips_epochs_without_a_metric(tmp_path):
+    keeper = CheckpointKeeper(tmp_path, keep_best=2, metric='loss', lower_is_better=True)
+    for epoch, loss in enumerate([2.0, 0.5, None, 1.0, 3.0]):
+        keeper.save({'epoch': epoch}, epoch, loss)
+    assert keeper.ranking == [(0.5, 1), (1.0, 3)]
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*.pth.tar')) == ['checkpoint-1.pth.tar',
+                                                                            'checkpoint-3.pth.tar']
+    assert load_checkpoint(tmp_path / 'model_best.pth.tar')['epoch'] == 1
+    assert load_checkpoint(tmp_path / 'last.pth.tar')['epoch'] == 4
+
+
 def test_a_best_epoch_is_written_once_and_linked_and_later_saves_leave_it_alone(tmp_path):
     keeper = CheckpointKeeper(tmp_path, keep_best=2)
     keeper.save({'epoch': 0, 'w': torch.zeros(3)}, 0, 50.0)
