@@ -64,8 +64,11 @@ class RunLock:
         if self.fd is not None:
             folder = self.path.parent
             if self.made_folder and [p.name for p in folder.iterdir()] == [self.path.name]:
-                self.path.unlink()   # a run that stopped before writing anything leaves no empty folder behind
-                folder.rmdir()
+                try:   # a run that stopped before writing anything leaves no empty folder behind
+                    self.path.unlink()
+                    folder.rmdir()
+                except OSError:   # another run took the folder meanwhile: it is theirs now
+                    pass
             os.ftruncate(self.fd, 0)   # empty = released cleanly
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

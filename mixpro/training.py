@@ -192,17 +192,27 @@ def restore_training_state(path, args, model, optimizer, scheduler, scaler) -> d
 
 
 # ---- per-rank state (random streams, an interrupted epoch's running sums), so a resumed run continues -----
-def rank_state(mixer: Mixer, partial_means: Optional[dict] = None) -> dict:
+def bn_statistics(model) -> dict:
+    """BatchNorm running statistics by name (the buffers --dist-bn shares), on the CPU."""
+    return {name: buf.detach().cpu() for name, buf in model.named_buffers()
+            if 'running_mean' in name or 'running_var' in name}
+
+
+def rank_state(mixer: Mixer, partial_means: Optional[dict] = None, ema=None) -> dict:
+    """``ema``: its BatchNorm statistics are this rank's own within an epoch (DDP syncs the model's, not
+    the EMA's), so a mid-epoch save keeps each rank's."""
     state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]),
              'python_gauss_next': random.getstate()[2], 'mixer': mixer.state_dict(),
              'partial_means': partial_means}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state()
+    if ema is not None and bn_statistics(ema.module):
+        state['ema_bn'] = bn_statistics(ema.module)
     return state
 
 
-def gather_rank_states(mixer: Mixer, dist_info: DistInfo, partial_means: Optional[dict] = None) -> list:
-    state = rank_state(mixer, partial_means)
+def gather_rank_states(mixer: Mixer, dist_info: DistInfo, partial_means: Optional[dict] = None, ema=None) -> list:
+    state = rank_state(mixer, partial_means, ema)
     if not dist_info.distributed:
         return [state]
     states = [None] * dist_info.world_size
@@ -222,12 +232,16 @@ def own_rank_state(states: Optional[list], dist_info: DistInfo) -> Optional[dict
     return states[dist_info.rank]
 
 
-def restore_rng_state(state: dict, mixer: Mixer, dist_info: DistInfo) -> None:
+def restore_rank_state(state: dict, mixer: Mixer, dist_info: DistInfo, ema=None) -> None:
     torch.set_rng_state(state['torch'])
     random.setstate((3, tuple(state['python']), state['python_gauss_next']))
     mixer.load_state_dict(state['mixer'])
     if 'cuda' in state and dist_info.device.type == 'cuda':
         torch.cuda.set_rng_state(state['cuda'])
+    if ema is not None and state.get('ema_bn'):
+        buffers = dict(ema.module.named_buffers())
+        for name, value in state['ema_bn'].items():
+            buffers[name].copy_(value)
 
 
 def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> Optional[Path]:
@@ -447,6 +461,9 @@ def run(args) -> dict:
             if primary:
                 print(f'{run_dir}: the run already finished its {start_epoch} epochs; nothing to train '
                       f'(--epochs N with N > {start_epoch} trains it longer)', flush=True)
+                if state.get('eval_metrics') is None:   # cut short by a smaller --epochs after a skipped evaluation
+                    print(f'note: its last epoch ({start_epoch - 1}) was not evaluated (--val-interval): '
+                          f'validate.py --checkpoint {checkpoint_path} measures it', flush=True)
             return {'epoch': start_epoch - 1, **(state.get('eval_metrics') or {})}
         if state and primary:
             print(f'resumed from {checkpoint_path} at epoch {start_epoch}'
@@ -473,12 +490,12 @@ def run(args) -> dict:
                   f'epochs {start_epoch}..{num_epochs - 1}, run folder {run_dir}', flush=True)
         resumed_rank = own_rank_state(state.get('rng_states'), dist_info) or {}
         if resumed_rank:
-            restore_rng_state(resumed_rank, mixer, dist_info)
+            restore_rank_state(resumed_rank, mixer, dist_info, ema)
         stop = StopRequest(dist_info.distributed)
         stop.install()
 
         def checkpoint(epoch, resume_at, evals=None, partial_means=None):   # every rank: the gather is collective
-            rank_states = gather_rank_states(mixer, dist_info, partial_means)
+            rank_states = gather_rank_states(mixer, dist_info, partial_means, ema)
             return training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
                                   num_classes, class_to_idx, evals) if primary else None
 

@@ -143,10 +143,12 @@ def summarize(epochs):
         return top, next(e for v, e in points if v == top)  # earliest epoch reaching the best
 
     best_top1, best_epoch = best('eval_top1')
+    evaluated = [e for e in order if epochs[e].get('eval_top1') is not None]
     return {
         # train.py numbers epochs from 0; a run resumed into a new folder lacks the early rows
         'epochs_done': int(max(order)) + 1 if order else 0,
         'final_top1': last('eval_top1'),
+        'final_epoch': evaluated[-1] if evaluated else None,   # not a CSV column (--val-interval)
         'best_top1': best_top1,
         'best_epoch': best_epoch,
         'best_ema_top1': best('eval_ema_top1')[0],
@@ -212,6 +214,8 @@ def collect_run(folder):
 
     if epochs:
         row.update(summarize(epochs))
+        if row['final_epoch'] is not None and row['final_epoch'] + 1 < row['epochs_done']:
+            notes.append(f"top-1 final is epoch {row['final_epoch']}'s, the latest evaluated")
     else:
         row['epochs_done'] = 0
     if row['epochs_planned'] is not None and row['epochs_done'] < row['epochs_planned']:

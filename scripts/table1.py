@@ -163,7 +163,9 @@ def _cell(row):
     if row.get('final_top1') is None:
         return None, row.get('note') or 'no results'
     if row.get('unfinished'):
-        return row['final_top1'], f"unfinished ({row['epochs_done']}/{row['epochs_planned']} epochs)"
+        behind = row.get('final_epoch') is not None and row['final_epoch'] + 1 < row['epochs_done']
+        return row['final_top1'], (f"unfinished ({row['epochs_done']}/{row['epochs_planned']} epochs"
+                                   + (f"; final: epoch {row['final_epoch']}" if behind else '') + ')')
     return row['final_top1'], 'done'
 
 
@@ -202,7 +204,8 @@ def to_markdown(table: list) -> str:
     done = sum(r['status'] == 'done' for r in table)
     lines.append('')
     lines.append(f'{done}/{len(table)} runs finished. Paper: MixPro (ICLR 2023) Table 1, baselines as reported '
-                 f'by TransMix. "final" is the last epoch\'s top-1, "Δ paper" = final − paper.')
+                 f'by TransMix. "final" is the last evaluated epoch\'s top-1 (a finished run\'s last epoch), '
+                 f'"Δ paper" = final − paper.')
     return '\n'.join(lines) + '\n'
 
 

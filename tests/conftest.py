@@ -56,6 +56,15 @@ def train_args(data_dir, out, experiment, method='mixpro', epochs=2, *extra):
             '--mix-method', method, '--epochs', str(epochs), *extra]
 
 
+def xcit_train_args(data_dir, out, experiment, method='mixpro', epochs=1, *extra):
+    """train_args for a one-block XCiT on 16 px images: BatchNorm in its convolutional patch embedding and
+    in the block, class attention for the probe."""
+    args = train_args(data_dir, out, experiment, method, epochs, *extra)
+    model_kwargs = args.index('--model-kwargs')
+    return [*args[:model_kwargs + 1], 'embed_dim=32', 'depth=1', 'cls_attn_layers=1', 'num_heads=2',
+            *args[model_kwargs + 5:], '--model', 'xcit_nano_12_p8_224']
+
+
 def read_summary(run_dir):
     with open(run_dir / 'summary.csv') as f:
         return list(csv.DictReader(f))

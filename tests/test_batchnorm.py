@@ -9,7 +9,7 @@ import torch
 
 import train
 import validate
-from conftest import train_args
+from conftest import xcit_train_args
 from mixpro.distributed import DistInfo
 from mixpro.training import build_model, use_sync_bn
 
@@ -17,11 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def xcit_args(data_dir, out, experiment, *extra):
-    """A one-block XCiT (BatchNorm in the convolutional patch embedding and in the block) on 16 px images."""
-    args = train_args(data_dir, out, experiment, 'mixpro', 1, *extra)
-    model_kwargs = args.index('--model-kwargs')
-    return [*args[:model_kwargs + 1], 'embed_dim=32', 'depth=1', 'cls_attn_layers=1', 'num_heads=2',
-            *args[model_kwargs + 5:], '--model', 'xcit_nano_12_p8_224']
+    return xcit_train_args(data_dir, out, experiment, 'mixpro', 1, *extra)
 
 
 def test_two_process_evaluation_scores_the_saved_model_of_a_batchnorm_network(data_dir, tmp_path):

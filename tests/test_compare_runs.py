@@ -109,6 +109,19 @@ def test_unfinished_run_without_ema(runs):
     assert row['best_epoch'] == 1
 
 
+def test_an_unfinished_run_with_val_interval_names_the_epoch_its_final_top1_is_from(runs):
+    empty = dict(eval_loss='', eval_top1='', eval_top5='')
+    write_run(runs / 'sparse', config=dict(model='deit_tiny_patch16_224', mix_method='mixpro', epochs=6),
+              summary=[dict(epoch=0, train_loss=2.4, **empty, lr=1e-3),
+                       dict(epoch=1, train_loss=2.2, eval_loss=1.8, eval_top1=40.0, eval_top5=80.0, lr=1e-3),
+                       dict(epoch=2, train_loss=2.0, **empty, lr=1e-3)])
+    (row,) = compare_runs.collect_runs([runs / 'sparse'])
+    assert row['epochs_done'] == 3 and row['final_top1'] == pytest.approx(40.0) and row['best_epoch'] == 1
+    assert "top-1 final is epoch 1's, the latest evaluated" in row['note']
+    table1 = load_script('table1')
+    assert table1._cell(row) == (40.0, 'unfinished (3/6 epochs; final: epoch 1)')
+
+
 @pytest.mark.parametrize('cut_at', ['2,1.6,1.3,68', '2,1.6'])
 def test_a_row_cut_off_mid_write_is_left_out_and_said(runs, cut_at):
     """A kill during the append leaves '...,68' for 68.0 or a row missing its cells: never shown as measured."""

@@ -16,7 +16,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 import train
 import validate
-from conftest import make_image_folder, read_summary, signal_during_mixer_call, train_args
+from conftest import make_image_folder, read_summary, signal_during_mixer_call, train_args, xcit_train_args
 from mixpro import checkpoint, training
 from mixpro.checkpoint import CheckpointError, CheckpointKeeper, atomic_save, load_checkpoint
 from mixpro.data import image_folder
@@ -491,9 +491,12 @@ def _torchrun(args, **popen):
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(data_dir, tmp_path):
-    extra = ('--batch-size', '4', '--workers', '1', '--log-interval', '1', '--image-grid-interval', '0')
-    assert _torchrun(train_args(data_dir, tmp_path, 'straight', 'transmix', 3, *extra)).wait(timeout=300) == 0
-    args = train_args(data_dir, tmp_path, 'stopped', 'transmix', 3, *extra)
+    """XCiT with EMA: within an epoch each rank's EMA has its own BatchNorm statistics (DDP syncs only the
+    model's), which the mid-epoch save must keep per rank for --dist-bn to average the same ones."""
+    extra = ('--batch-size', '4', '--workers', '1', '--log-interval', '1', '--image-grid-interval', '0',
+             '--model-ema', '--model-ema-decay', '0.9')
+    assert _torchrun(xcit_train_args(data_dir, tmp_path, 'straight', 'transmix', 3, *extra)).wait(timeout=300) == 0
+    args = xcit_train_args(data_dir, tmp_path, 'stopped', 'transmix', 3, *extra)
     proc = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:
@@ -508,8 +511,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(da
     straight = _load(tmp_path / 'straight' / 'last.pth.tar')
     resumed = _load(tmp_path / 'stopped' / 'last.pth.tar')
     assert len(resumed['rng_states']) == 2
-    for name, tensor in straight['state_dict'].items():
-        assert torch.equal(tensor, resumed['state_dict'][name]), f'{name} differs after the resume under torchrun'
+    for weights in ('state_dict', 'state_dict_ema'):
+        for name, tensor in straight[weights].items():
+            assert torch.equal(tensor, resumed[weights][name]), f'{weights} {name} differs after the resume'
     assert read_summary(tmp_path / 'stopped') == read_summary(tmp_path / 'straight')
 
 
