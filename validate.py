@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mixpro.checkpoint import CheckpointError
-from mixpro.config import ConfigError, KeyValueAction, check_device
+from mixpro.config import ConfigError, KeyValueAction, check_device, check_input_channels
 from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.validation import run
 
@@ -70,6 +70,7 @@ def parse_args(argv=None):
         parser.error('give --checkpoint FILE… or --model NAME --pretrained')
     if args.results_file and Path(args.results_file).is_dir():   # found before the evaluation, not after it
         raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
+    check_input_channels(args.model_kwargs)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     return args

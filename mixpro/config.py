@@ -353,6 +353,7 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
             name = key if key in _KEY_NAMED else options[key].option_strings[0]
             raise ConfigError(f'{name} must be {what}, got {value!r}')
+    check_input_channels(args.model_kwargs)
     if args.eval_metric.startswith('ema_') and not args.model_ema:
         raise ConfigError(f'--eval-metric {args.eval_metric} ranks by the EMA weights: it needs --model-ema')
     _check_compile(args)
@@ -365,6 +366,14 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
                           "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
+
+
+def check_input_channels(model_kwargs: dict) -> None:
+    """The loaders give RGB images (grayscale ones converted), so the model must take 3 channels."""
+    channels = model_kwargs.get('in_chans', 3)
+    if channels != 3:
+        raise ConfigError(f'--model-kwargs in_chans={channels}: the data pipeline gives 3-channel (RGB) images, '
+                          f'grayscale ones converted to RGB; build the model with in_chans=3')
 
 
 def require_wandb() -> None:

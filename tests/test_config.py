@@ -76,6 +76,16 @@ def test_yaml_quirks_read_as_the_command_line_would(tmp_path):
     assert parse_train_args(['--config', write(tmp_path, 'torchcompile: false\n', 'b.yaml')]).torchcompile is None
 
 
+def test_a_model_that_does_not_take_rgb_is_refused_before_the_first_step(tmp_path):
+    import validate
+    with pytest.raises(ConfigError, match='in_chans=1: the data pipeline gives 3-channel'):
+        parse_train_args(['--model-kwargs', 'in_chans=1', '--output', str(tmp_path)])
+    with pytest.raises(SystemExit, match='in_chans=4: the data pipeline gives 3-channel'):
+        validate.main(['--model', 'resnet18', '--pretrained', '--model-kwargs', 'in_chans=4'])
+    assert parse_train_args(['--model-kwargs', 'in_chans=3', '--output', str(tmp_path)]).model_kwargs == {
+        'in_chans': 3}
+
+
 def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path, 'base: b.yaml\n', 'a.yaml')
     write(tmp_path, 'base: a.yaml\n', 'b.yaml')
