@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mixpro.checkpoint import CheckpointError
-from mixpro.config import ConfigError, KeyValueAction, check_device, check_input_channels
+from mixpro.config import ConfigError, KeyValueAction, check_compile_backends, check_device, check_input_channels
 from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.validation import run
 
@@ -50,6 +50,8 @@ def parse_args(argv=None):
                            "labels from FILE (default: timm's shipped copy)")
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
+    data.add_argument('--interpolation', default=None, choices=['bilinear', 'bicubic', 'nearest', 'lanczos'],
+                      help="resize interpolation (default: the run's, else the timm model's)")
     data.add_argument('--batch-size', '-b', type=int, default=256)
     data.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1))
     robust = parser.add_argument_group('occlusion (TransMix / Naseer et al.: random patches turned black)')
@@ -62,6 +64,9 @@ def parse_args(argv=None):
                            help="autocast the forward pass (default: as the checkpoint's run; off for other weights)")
     run_group.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                            help="autocast dtype; implies --amp (default: the checkpoint's)")
+    run_group.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                           help='torch.compile the model (bare flag: inductor); the numbers are the same, the '
+                                'first batches slower while it compiles')
     run_group.add_argument('--device', default=None)
     run_group.add_argument('--results-file', default=None,
                            help='write results here (.json: an object, or a list for several rows; .csv)')
@@ -71,6 +76,7 @@ def parse_args(argv=None):
     if args.results_file and Path(args.results_file).is_dir():   # found before the evaluation, not after it
         raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
     check_input_channels(args.model_kwargs)
+    check_compile_backends({'--torchcompile': args.torchcompile})
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     return args

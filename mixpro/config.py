@@ -390,7 +390,16 @@ def _check_compile(args) -> None:
     if mode and args.torchcompile != 'inductor':
         raise ConfigError(f'--torchcompile-mode is a mode of the inductor backend: --torchcompile '
                           f'{args.torchcompile} would ignore it')
-    backends = {'--torchcompile': args.torchcompile, '--compile-mixer': args.compile_mixer}
+    check_compile_backends({'--torchcompile': args.torchcompile, '--compile-mixer': args.compile_mixer})
+    if mode:
+        import torch._inductor
+        modes = list(torch._inductor.list_mode_options())
+        if mode not in modes:
+            raise ConfigError(f'--torchcompile-mode {mode}: inductor\'s modes are {", ".join(modes)}')
+
+
+def check_compile_backends(backends: dict) -> None:
+    """``{flag: backend or None}``: each given backend is one this torch.compile knows."""
     if not any(backends.values()):
         return
     import torch._dynamo   # here: importing it takes seconds, and only compiling runs need it
@@ -399,11 +408,6 @@ def _check_compile(args) -> None:
         if backend and backend not in known:
             raise ConfigError(f'{flag} {backend} is not a torch.compile backend; this torch has: '
                               f'{", ".join(b for b in sorted(known) if "TESTING" not in b)}')
-    if mode:
-        import torch._inductor
-        modes = list(torch._inductor.list_mode_options())
-        if mode not in modes:
-            raise ConfigError(f'--torchcompile-mode {mode}: inductor\'s modes are {", ".join(modes)}')
 
 
 def _check_output(args) -> None:

@@ -203,9 +203,12 @@ def _data_location(args, loaded: LoadedModel) -> Tuple[str, str]:
 
 
 def _data_config(args, loaded: LoadedModel) -> dict:
-    """The eval transforms: the run's (or the timm model's), with ``--crop-pct`` where given."""
+    """The eval transforms: the run's (or the timm model's), with ``--crop-pct`` / ``--interpolation`` where
+    given."""
     if args.crop_pct is not None:
         loaded.args.crop_pct = args.crop_pct
+    if getattr(args, 'interpolation', None):
+        loaded.args.interpolation = args.interpolation
     return resolve_data_config(vars(loaded.args), model=loaded.model)
 
 
@@ -219,6 +222,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
                           class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
     model, class_to_idx = loaded.model, loaded.class_to_idx
+    if getattr(args, 'torchcompile', None):   # the network only: the wrappers below count on the host
+        model = torch.compile(model, backend=args.torchcompile)
     real_labels = getattr(args, 'real_labels', None)
     if real_labels:   # before reading any data: refuse what ReaL cannot score
         check_real_request(real_labels, dataset_name, args.class_subset, model, class_to_idx)
@@ -270,7 +275,9 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
                    'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
                    'samples': metrics['count'], 'unreadable': metrics['unreadable'], 'top1': metrics['top1'],
                    'top5': metrics['top5'],
-                   'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', '')}
+                   'loss': metrics['loss'], 'precision': str(amp_dtype or torch.float32).replace('torch.', ''),
+                   'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
+                   'interpolation': data_config['interpolation']}
             real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
             row.update(real or {})
             rows.append(row)

@@ -235,6 +235,23 @@ def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
                          '--results-file', str(tmp_path / 'ema.csv')])[0]
     assert ema['top1'] == pytest.approx(state['eval_metrics']['eval_ema']['top1'], abs=1e-6)
     assert (tmp_path / 'ema.csv').read_text().startswith('checkpoint,')
+    assert (results['img_size'], results['crop_pct']) == (16, 1.0)       # the transform measured with
+    common = ['--checkpoint', str(best), '--data-dir', str(data_dir), '--workers', '0']
+    graphs = []
+
+    @torch._dynamo.register_backend
+    def validate_counted(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend('aot_eager')(graph, inputs)
+    compiled = validate.main([*common, '--torchcompile', 'validate_counted'])[0]
+    assert graphs and compiled['top1'] == results['top1']
+    assert compiled['loss'] == pytest.approx(results['loss'], abs=1e-5)
+    upsampled = {mode: validate.main([*common, '--crop-pct', '0.5', '--interpolation', mode])[0]
+                 for mode in ('nearest', 'bicubic')}                     # 16 px images resized to 32 px
+    assert [row['interpolation'] for row in upsampled.values()] == ['nearest', 'bicubic']
+    assert upsampled['nearest']['loss'] != pytest.approx(upsampled['bicubic']['loss'], abs=1e-6)
+    with pytest.raises(SystemExit, match='--torchcompile no_such is not a torch.compile backend'):
+        validate.main(['--checkpoint', str(best), '--torchcompile', 'no_such'])
 
 
 def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path):
