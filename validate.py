@@ -73,13 +73,31 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.pretrained:
         parser.error('give --checkpoint FILE… or --model NAME --pretrained')
-    if args.results_file and Path(args.results_file).is_dir():   # found before the evaluation, not after it
-        raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
+    # what would fail only after an evaluation (hours on ImageNet) is refused before the first one
+    if args.results_file:
+        results, folder = Path(args.results_file), Path(args.results_file).parent
+        if results.is_dir():
+            raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f'--results-file {args.results_file}: {folder} is not a folder this user can write to')
+    for checkpoint in args.checkpoint:
+        if not Path(checkpoint).is_file():
+            raise ConfigError(f'--checkpoint {checkpoint} does not exist' if not Path(checkpoint).exists()
+                              else f'--checkpoint {checkpoint} is not a file')
+    check_occlusion_ratios(args.occlusion or [])
+    if args.occlusion_patch < 1:
+        raise ConfigError(f'--occlusion-patch {args.occlusion_patch}: must be a positive number of pixels')
     check_input_channels(args.model_kwargs)
     check_compile_backends({'--torchcompile': args.torchcompile})
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     return args
+
+
+def check_occlusion_ratios(ratios) -> None:
+    for ratio in ratios:
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f'--occlusion {ratio:g}: a ratio must be in [0, 1]')
 
 
 def main(argv=None):

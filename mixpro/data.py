@@ -230,9 +230,11 @@ def _wds_class_index(where: str, info: dict, class_to_idx, num_classes) -> Dict[
 def build_dataset(args, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None):
     """``--dataset`` when given, else the ImageFolder under ``--data-dir`` (val with train's class index)."""
     if args.dataset:
-        if args.dataset.lower().startswith('wds/') and getattr(args, 'class_map', ''):
+        if getattr(args, 'class_map', ''):   # timm's other readers label by their own classes
+            how = ("by the samples' .cls integers (class names: _info.json's classes)"
+                   if args.dataset.lower().startswith('wds/') else 'by its own classes')
             raise ConfigError(f'--class-map names ImageFolder class folders; --dataset {args.dataset} is '
-                              f"labelled by the samples' .cls integers (class names: _info.json's classes)")
+                              f'labelled {how}')
         return named_dataset(args.dataset, args.data_dir, split, is_training, args.dataset_download,
                              class_to_idx=class_to_idx, num_classes=getattr(args, 'num_classes', None),
                              batch_size=getattr(args, 'batch_size', 1), seed=getattr(args, 'seed', 42))

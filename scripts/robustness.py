@@ -57,6 +57,7 @@ def parse_args(argv=None):
     for name in ('--class-subset', '--results-file', '--dataset'):
         if any(arg == name or arg.startswith(name + '=') for arg in rest):
             parser.error(f'{name} is set by this script')
+    validate.check_occlusion_ratios(own.occlusion)   # before the first evaluation, not after it
     checkpoints = ['--checkpoint', *own.checkpoints] if own.checkpoints else []
     base = validate.parse_args([*checkpoints, *rest, '--data-dir', own.data_dir, '--split', own.split])
     base.dataset = ''   # ImageFolder data, whatever dataset the checkpoints trained on

@@ -1,6 +1,7 @@
 """--dataset: torchvision datasets in their standard layout, written by the tests (nothing is downloaded)."""
 import pickle
 import struct
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torchvision
 import train
 import validate
 from conftest import TINY
-from mixpro.config import parse_train_args
+from mixpro.config import ConfigError, parse_train_args
 from mixpro.data import build_dataset, num_classes_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,3 +150,12 @@ def test_eval_prefetcher_gives_the_host_pipelines_numbers(data_dir):
     for host, device in zip(results[False], results[True]):
         assert device['top1'] == host['top1'] and device['loss'] == pytest.approx(host['loss'], abs=1e-5)
     assert results[True][1]['loss'] != pytest.approx(results[True][0]['loss'], abs=1e-5)   # occlusion applied
+
+
+@pytest.mark.parametrize('dataset, how', [('torch/cifar10', 'by its own classes'), ('wds/shards', '.cls integers')])
+def test_class_map_with_a_named_dataset_is_refused_not_ignored(tmp_path, dataset, how):
+    (tmp_path / 'map.txt').write_text('3\n1\n')
+    args = Namespace(data_dir=str(tmp_path), dataset=dataset, dataset_download=False,
+                     class_map=str(tmp_path / 'map.txt'))
+    with pytest.raises(ConfigError, match=f'--class-map names ImageFolder class folders; --dataset {dataset}.*{how}'):
+        build_dataset(args, 'train', is_training=True)

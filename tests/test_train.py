@@ -254,7 +254,7 @@ def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
         validate.main(['--checkpoint', str(best), '--torchcompile', 'no_such'])
 
 
-def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path):
+def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
     other = make_image_folder(tmp_path / 'four_classes', classes=4, train_per_class=1, val_per_class=1)
@@ -269,6 +269,14 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--use-ema'])
     with pytest.raises(SystemExit, match='missing.pth.tar does not exist'):
         validate.main(['--checkpoint', str(tmp_path / 'missing.pth.tar')])
+    # refused before the good checkpoint is evaluated, not after: on ImageNet that is an hour
+    for wrong, message in ((['--checkpoint', checkpoint, str(tmp_path / 'typo.pth.tar')], 'typo.pth.tar does not'),
+                           (['--checkpoint', checkpoint, '--occlusion', '0', '1.5'], '--occlusion 1.5: a ratio'),
+                           (['--checkpoint', checkpoint, '--results-file', str(tmp_path / 'no' / 'r.json')],
+                            'is not a folder this user can write to')):
+        with pytest.raises(SystemExit, match=message):
+            validate.main([*wrong, '--data-dir', str(data_dir), '--workers', '0'])
+        assert 'evaluating' not in capsys.readouterr().out
 
 
 def test_attention_methods_refuse_models_without_class_token(data_dir, tmp_path):
