@@ -72,12 +72,17 @@ def launch_command(config: str, args) -> str:
 SLURM_SIGNAL = 'B:USR1@300'
 
 
-def recipe_workers(config: str) -> int:
-    """The recipe's data-loading processes per GPU (``workers``, after ``base:`` and defaults)."""
+def recipe_args(config: str, check_machine: bool = True):
+    """The recipe's resolved train.py options (after ``base:`` and defaults)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from mixpro.config import parse_train_args
-    return parse_train_args(['--config', str(REPO / config)]).workers
+    return parse_train_args(['--config', str(REPO / config)], check_machine=check_machine)
+
+
+def recipe_workers(config: str) -> int:
+    """The recipe's data-loading processes per GPU (``workers``)."""
+    return recipe_args(config).workers
 
 
 def sbatch_file(run: str, config: str, args) -> str:
@@ -169,13 +174,38 @@ def _cell(row):
     return row['final_top1'], 'done'
 
 
-def report_rows(run_rows: dict) -> list:
-    """One dict per (model, method): paper and reproduced numbers."""
+# what makes a run folder the Table-1 run of its recipe (a debug run or an --experiment typo is not)
+RECIPE_KEYS = (('model', 'model'), ('mix_method', 'method'), ('epochs', 'epochs'), ('img_size', 'image size'))
+
+
+def recipe_mismatch(run_dir: Path, run: str) -> str:
+    """How the run in ``run_dir`` differs from recipe configs/<run>.yaml on ImageNet-1k ('' when it does not,
+    or when it has no readable config.yaml to tell)."""
+    try:
+        config = load_compare_runs().read_config(run_dir / 'config.yaml')
+    except Exception:   # compare_runs notes a missing or unreadable config.yaml itself
+        return ''
+    recipe = vars(recipe_args(f'configs/{run}.yaml', check_machine=False))
+    differences = [f'{label} {config[key]} (recipe: {recipe[key]})' for key, label in RECIPE_KEYS
+                   if key in config and config[key] != recipe[key]]
+    if config.get('num_classes') not in (None, 1000):
+        differences.append(f"{config['num_classes']} classes (ImageNet-1k: 1000)")
+    return ', '.join(differences)
+
+
+def report_rows(run_rows: dict, runs_dir: Path = None) -> list:
+    """One dict per (model, method): paper and reproduced numbers. A run folder whose settings are not its
+    recipe's is shown without numbers: they would stand for a run that was not made."""
     table = []
     for (title, prefix), paper in PAPER.items():
         for method, paper_top1 in zip(METHODS, paper):
             row = run_rows.get(f'{prefix}_{method}')
+            mismatch = recipe_mismatch(runs_dir / f'{prefix}_{method}', f'{prefix}_{method}') if (
+                row is not None and runs_dir is not None) else ''
+            if mismatch:
+                row = None
             final, status = _cell(row)
+            status = f'not the recipe: {mismatch}' if mismatch else status
             table.append({
                 'model': title, 'method': METHOD_TITLES[method], 'run': f'{prefix}_{method}',
                 'paper_top1': paper_top1, 'final_top1': final,
@@ -217,7 +247,7 @@ def report(args) -> list:
     wanted = {run for *_, run in runs()}
     found = [runs_dir / run for run in sorted(wanted) if (runs_dir / run).is_dir()]
     rows = {row['run']: row for row in compare_runs.collect_runs(found)} if found else {}
-    table = report_rows(rows)
+    table = report_rows(rows, runs_dir)
     markdown = to_markdown(table)
     print(markdown, end='')
     if args.markdown:

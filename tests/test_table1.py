@@ -14,10 +14,18 @@ table1 = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table1)
 
 
-def fake_run(root, name, model, method, top1s, planned, ema=None):
+def fake_run(root, name, last_top1s, done=None, ema=None, **settings):
+    """A run folder of recipe configs/<name>.yaml (``settings`` change its config.yaml) that trained ``done``
+    epochs (default: all the recipe's), the last ones reaching ``last_top1s`` (and ``ema``)."""
+    recipe = vars(table1.recipe_args(f'configs/{name}.yaml', check_machine=False))
+    config = {'model': recipe['model'], 'mix_method': recipe['mix_method'], 'epochs': recipe['epochs'],
+              'img_size': recipe['img_size'], 'num_classes': 1000, **settings}
+    done = done or config['epochs']
+    top1s = [1.0] * (done - len(last_top1s)) + list(last_top1s)
+    emas = [1.0] * (done - len(ema)) + list(ema) if ema else None
     folder = root / name
     folder.mkdir(parents=True)
-    (folder / 'config.yaml').write_text(yaml.safe_dump({'model': model, 'mix_method': method, 'epochs': planned}))
+    (folder / 'config.yaml').write_text(yaml.safe_dump(config))
     with open(folder / 'summary.csv', 'w', newline='') as f:
         fields = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'] + (['eval_ema_top1'] if ema else [])
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -26,8 +34,9 @@ def fake_run(root, name, model, method, top1s, planned, ema=None):
             row = {'epoch': epoch, 'train_loss': 3.0, 'eval_loss': 1.0, 'eval_top1': top1, 'eval_top5': 90.0,
                    'lr': 1e-4}
             if ema:
-                row['eval_ema_top1'] = ema[epoch]
+                row['eval_ema_top1'] = emas[epoch]
             writer.writerow(row)
+    return config['epochs']
 
 
 def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
@@ -79,10 +88,9 @@ def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tm
 
 
 def test_report_puts_runs_beside_the_paper(tmp_path, capsys):
-    fake_run(tmp_path, 'deit_t_mixpro', 'deit_tiny_patch16_224', 'mixpro', [70.0, 74.1, 73.5], 3,
-             ema=[69.0, 73.0, 74.4])
-    fake_run(tmp_path, 'deit_t_baseline', 'deit_tiny_patch16_224', 'mixup_cutmix', [60.0, 71.0], 3)
-    fake_run(tmp_path, 'pvt_s_transmix', 'pvt_small', 'transmix', [80.9], 1)
+    epochs = fake_run(tmp_path, 'deit_t_mixpro', [70.0, 74.1, 73.5], ema=[69.0, 73.0, 74.4])
+    fake_run(tmp_path, 'deit_t_baseline', [60.0, 71.0], done=2)
+    fake_run(tmp_path, 'pvt_s_transmix', [80.9])
     (tmp_path / 'unrelated_run').mkdir()
     csv_path = tmp_path / 'table.csv'
     table = table1.main(['report', '--runs', str(tmp_path), '--csv', str(csv_path)])
@@ -91,17 +99,31 @@ def test_report_puts_runs_beside_the_paper(tmp_path, capsys):
 
     mixpro = rows['deit_t_mixpro']
     assert mixpro['paper_top1'] == 73.8 and mixpro['final_top1'] == 73.5
-    assert mixpro['best_top1'] == 74.1 and mixpro['best_epoch'] == 1 and mixpro['best_ema_top1'] == 74.4
+    assert mixpro['best_top1'] == 74.1 and mixpro['best_epoch'] == epochs - 2 and mixpro['best_ema_top1'] == 74.4
     assert mixpro['delta_final'] == pytest.approx(-0.3) and mixpro['status'] == 'done'
-    assert rows['deit_t_baseline']['status'].startswith('unfinished (2/3')
+    assert rows['deit_t_baseline']['status'].startswith(f'unfinished (2/{epochs}')
     assert rows['pvt_s_transmix']['delta_final'] == pytest.approx(0.4)
     assert rows['xcit_l_mixpro']['status'] == 'missing' and rows['xcit_l_mixpro']['final_top1'] is None
 
     out = capsys.readouterr().out
-    assert '| DeiT-T | +MixPro | 73.8 | 73.50 | -0.30 | 74.10 (1) | 74.40 | done |' in out
+    assert f'| DeiT-T | +MixPro | 73.8 | 73.50 | -0.30 | 74.10 ({epochs - 2}) | 74.40 | done |' in out
     assert '2/42 runs finished' in out
     with open(csv_path) as f:
         assert len(list(csv.DictReader(f))) == 42
+
+
+def test_report_shows_no_numbers_for_a_folder_that_is_not_its_recipes_run(tmp_path):
+    """A debug run copied or named into a Table-1 folder must not stand in the table as that run."""
+    fake_run(tmp_path, 'deit_t_transmix', [27.1], done=2, mix_method='mixpro', epochs=2, num_classes=4)
+    fake_run(tmp_path, 'deit_s_mixpro', [81.0], model='deit_tiny_patch16_224')
+    fake_run(tmp_path, 'deit_b_mixpro', [82.0])
+    rows = {r['run']: r for r in table1.main(['report', '--runs', str(tmp_path)])}
+    debug = rows['deit_t_transmix']
+    assert debug['final_top1'] is None and debug['delta_final'] is None and debug['best_top1'] is None
+    assert debug['status'] == ('not the recipe: method mixpro (recipe: transmix), epochs 2 (recipe: 300), '
+                               '4 classes (ImageNet-1k: 1000)')
+    assert rows['deit_s_mixpro']['status'].startswith('not the recipe: model deit_tiny_patch16_224 (recipe: deit_')
+    assert rows['deit_b_mixpro']['status'] == 'done' and rows['deit_b_mixpro']['final_top1'] == 82.0
 
 
 def test_report_names_a_missing_runs_folder(tmp_path):
