@@ -9,6 +9,7 @@ import ast
 import difflib
 import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -311,6 +312,12 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
             raise ConfigError(f'unknown option {flag}{hint}')
     if extra:
         parser.parse_args(argv)   # exits with argparse's usage message
+    given = {item.split('=', 1)[0] for item in (sys.argv[1:] if argv is None else argv) if item.startswith('--')}
+    scaling = sorted(given & {'--lr-base', '--lr-base-size', '--lr-base-scale'})
+    if scaling and args.lr is not None:   # an absolute lr wins: the scaling options would silently do nothing
+        source = '--lr' if '--lr' in given else f'the recipe {args.config}'
+        raise ConfigError(f'{", ".join(scaling)} would change nothing: {source} sets the absolute lr '
+                          f'{args.lr:g}, which wins over the batch-scaled lr_base; give --lr to change it')
     if args.experiment is None:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):

@@ -86,6 +86,17 @@ def test_a_model_that_does_not_take_rgb_is_refused_before_the_first_step(tmp_pat
         'in_chans': 3}
 
 
+def test_lr_base_beside_an_absolute_lr_is_refused_not_ignored(tmp_path):
+    recipe = write(tmp_path, 'lr: 0.002\n')
+    with pytest.raises(ConfigError, match=r'--lr-base would change nothing: the recipe .*recipe.yaml sets the '
+                                          r'absolute lr 0.002'):
+        parse_train_args(['--config', recipe, '--lr-base', '5e-4', '--output', str(tmp_path)])
+    with pytest.raises(ConfigError, match='--lr-base-size would change nothing: --lr sets'):
+        parse_train_args(['--lr', '1e-3', '--lr-base-size=256', '--output', str(tmp_path)])
+    assert parse_train_args(['--config', recipe, '--lr', '1e-3', '--output', str(tmp_path)]).lr == 1e-3
+    assert parse_train_args(['--lr-base', '1e-3', '--output', str(tmp_path)]).lr_base == 1e-3
+
+
 def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path, 'base: b.yaml\n', 'a.yaml')
     write(tmp_path, 'base: a.yaml\n', 'b.yaml')
