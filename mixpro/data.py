@@ -104,8 +104,9 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
             print(f'note: {len(unknown)} class folder(s) of {root} are not in --class-map and are not used',
                   flush=True)
         elif unknown and not select:
-            raise ConfigError(f'{root} has class folder(s) that training does not have: {", ".join(unknown[:5])}; '
-                              f'every {split} class must be a training class')
+            raise ConfigError(f'{root} has class folder(s) that the model\'s classes (its training classes, or '
+                              f'--class-map) do not have: {", ".join(unknown[:5])}; every {split} class must be '
+                              f'one of them')
     dataset = create_dataset('', root=str(Path(data_dir)), split=split, is_training=is_training,
                              class_map=dict(class_to_idx))
     if len(dataset) == 0:

@@ -63,7 +63,16 @@ def _model_from_run_state(state: dict, path, model_name, use_ema, img_size):
             raise ValueError(f'checkpoint {path} holds no EMA weights (trained without --model-ema)')
     train_args.grad_checkpointing = False   # a training-memory setting: evaluation keeps no activations
     model = build_model(train_args, state['num_classes'])
-    _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
+    trained_size = state['args'].get('img_size')
+    try:
+        _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
+    except ValueError as err:
+        if img_size is None or img_size == trained_size:
+            raise
+        trained = f'{trained_size} px' if trained_size else "the model's default size"
+        raise ValueError(f'--img-size {img_size}: {path} was trained at {trained}, and its weights do not fit '
+                         f'a {img_size} px model (a ViT\'s position embedding has one entry per patch); leave '
+                         f'--img-size out, or fine-tune at {img_size} px with train.py --initial-checkpoint') from err
     return model, train_args, state.get('class_to_idx')
 
 
@@ -131,6 +140,9 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
         if args.model_kwargs:
             raise ConfigError(f'--model-kwargs with {checkpoint}: a train.py checkpoint rebuilds its own model '
                               f'(the option is for --model weights)')
+        if args.num_classes and args.num_classes != state['num_classes']:
+            raise ConfigError(f"--num-classes {args.num_classes} with {checkpoint}: a train.py checkpoint has its "
+                              f"own class count ({state['num_classes']}; the option is for --model weights)")
         model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
                                                                 args.img_size)
         if args.class_map:
@@ -141,12 +153,14 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
     return load_timm_model(args, checkpoint, state)
 
 
-def precision(args, train_args) -> Tuple[Optional[torch.dtype], str]:
+def precision(args, train_args, from_run: bool = True) -> Tuple[Optional[torch.dtype], str]:
     """The autocast dtype to evaluate with (None: fp32) and where it comes from: ``--amp`` /
-    ``--amp-dtype`` when given, else the checkpoint's own training precision, as its run evaluated."""
+    ``--amp-dtype`` when given, else the checkpoint's own training precision, as its run evaluated
+    (``from_run`` False: weights without a run, fp32 by default)."""
     amp = (train_args.amp or bool(args.amp_dtype)) if args.amp is None else args.amp   # a dtype asks for autocast
     name = args.amp_dtype or train_args.amp_dtype
-    source = 'from the checkpoint' if args.amp is None and args.amp_dtype is None else 'as asked'
+    default = 'from the checkpoint' if from_run else 'the default for weights without a train.py run'
+    source = default if args.amp is None and args.amp_dtype is None else 'as asked'
     if not amp:
         return None, f'float32 ({source})'
     return getattr(torch, name), f'{name} autocast ({source})'
@@ -259,7 +273,7 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     loader, model, data_config, split = build_eval_data(args, loaded, dist_info)
     _check_occlusion(ratios, data_config['input_size'][-2:], args.occlusion_patch)
     model.to(dist_info.device)
-    amp_dtype, precision_note = precision(args, loaded.args)
+    amp_dtype, precision_note = precision(args, loaded.args, loaded.from_run)
     amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     if dist_info.is_primary:
         print(f'evaluating {loaded.source}, precision: {precision_note}', flush=True)

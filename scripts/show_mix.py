@@ -10,8 +10,8 @@ on the MaskMix image, the CutMix image and the class attention on it. The captio
 λ_area (A's share of the pixels), λ_attn (A's share of the class attention), PAL's α and the resulting
 label weights, and the model's prediction. Masks come from the run's own mixer settings (mask cell,
 MaskMix α, CutMix α) and --seed; the model runs in eval mode (training computes λ_attn in train mode,
-with its dropout and drop-path). Models without a class attention the probe reads (e.g. PVT) get the
-pictures and λ_area only.
+with its dropout and drop-path). Models without a class attention the probe reads (e.g. a ResNet, or Swin
+without its class-attention head) get the pictures and λ_area only.
 """
 import argparse
 import sys

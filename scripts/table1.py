@@ -122,8 +122,8 @@ def check_train_options(config: str, options: list) -> None:
     given = ' '.join(options)
     owned = [flag for flag in PLAN_OWNED for option in options if option == flag or option.startswith(flag + '=')]
     if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
-        sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (--data-dir and --output are '
-                 f'options of plan itself, before --)')
+        sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (each run is its recipe, in the '
+                 f'folder named after it; --data-dir and --output are options of plan itself, before --)')
     try:
         parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
     except ConfigError as err:

@@ -210,7 +210,7 @@ def test_an_empty_class_folder_is_an_error_before_training(own_data, tmp_path, s
 
 def test_a_val_class_unknown_to_train_is_named(own_data, tmp_path):
     shutil.copytree(own_data / 'val' / 'class0', own_data / 'val' / 'class9')
-    with pytest.raises(SystemExit, match='training does not have: class9'):
+    with pytest.raises(SystemExit, match='do not have: class9'):
         train.main(train_args(own_data, tmp_path / 'out', 'unknown', 'mixpro', 1))
 
 

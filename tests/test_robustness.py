@@ -240,7 +240,7 @@ def test_occlusion_follows_dataset_indices_across_ranks():
     assert not torch.equal(single[0], images[0])
 
 
-def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path):
+def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path, capsys):
     """Weights as timm's train.py saves them (args as a Namespace, weights under state_dict) and as safetensors."""
     import argparse
     import safetensors.torch
@@ -252,6 +252,7 @@ def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path):
     rows = validate.main([*SMALL, '--checkpoint', str(tmp_path / 'timm_train.pth.tar'),
                           str(tmp_path / 'colours.safetensors'), '--data-dir', str(root)])
     assert [r['top1'] for r in rows] == [100.0, 100.0] and rows[0]['loss'] == pytest.approx(rows[1]['loss'])
+    assert 'precision: float32 (the default for weights without a train.py run)' in capsys.readouterr().out
 
 
 class _Brightness(torch.nn.Module):

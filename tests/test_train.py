@@ -258,7 +258,7 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, cap
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
     other = make_image_folder(tmp_path / 'four_classes', classes=4, train_per_class=1, val_per_class=1)
-    with pytest.raises(SystemExit, match='four_classes/val has class folder.*training does not have: class3'):
+    with pytest.raises(SystemExit, match='four_classes/val has class folder.*do not have: class3'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(other), '--workers', '0'])
     state = torch.load(checkpoint, weights_only=True)
     state['args']['model_kwargs']['depth'] = 3          # weights of 2 blocks for a 3-block model
@@ -267,6 +267,12 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, cap
         validate.main(['--checkpoint', str(tmp_path / 'deeper.pth.tar'), '--data-dir', str(data_dir)])
     with pytest.raises(SystemExit, match='no EMA weights'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--use-ema'])
+    with pytest.raises(SystemExit, match='--num-classes 5 with .*last.pth.tar: a train.py checkpoint has its own '
+                                         r'class count \(3;'):
+        validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--num-classes', '5'])
+    with pytest.raises(SystemExit, match='--img-size 32: .*last.pth.tar was trained at 16 px, and its weights do '
+                                         'not fit a 32 px model'):
+        validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--img-size', '32'])
     with pytest.raises(SystemExit, match='missing.pth.tar does not exist'):
         validate.main(['--checkpoint', str(tmp_path / 'missing.pth.tar')])
     # refused before the good checkpoint is evaluated, not after: on ImageNet that is an hour
