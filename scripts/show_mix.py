@@ -147,7 +147,8 @@ def main(argv=None):
                 text += f"  lam_attn {float(mix['lam_attn'][i]):.2f}"
                 if mix['alpha'] is not None:
                     text += f"  alpha {float(mix['alpha'][i]):.2f}"
-                text += f"  ->  {rule} label {float(mix['lam'][i]):.2f} {label_a} + {1 - float(mix['lam'][i]):.2f} {label_b}"
+                text += (f"  ->  {rule} label {float(mix['lam'][i]):.2f} '{label_a}' + "   # quoted: digit names
+                         f"{1 - float(mix['lam'][i]):.2f} '{label_b}'")
             text += f"  (predicted {names.get(int(mix['predicted'][i]), int(mix['predicted'][i]))})"
             lines.append(text)
         captions.append(lines)
