@@ -22,6 +22,7 @@ import torch.nn as nn
 from .config import ConfigError
 from .distributed import all_reduce_sum
 from .robustness import imagenet_class_index
+from .skipped import UNREADABLE
 
 TIMM_REAL_LABELS = str(Path(timm.data.__file__).parent / '_info' / 'imagenet_real_labels.json')
 NUM_CLASSES = 1000
@@ -102,7 +103,7 @@ class RealLabelScorer(nn.Module):
         self.model = model
         self.register_buffer('sets', sets, persistent=False)
         self.totals = None
-        self._batch = None
+        self._batch = self._measured = None
 
     def batches(self, loader_batches, sampler):
         """The batches as they are; before each is handed out, notes its dataset indices."""
@@ -112,9 +113,10 @@ class RealLabelScorer(nn.Module):
         start = 0
         for x, y in loader_batches:
             self._batch = indices[start:start + len(y)]
+            self._measured = (y != UNREADABLE).to(device)   # a neighbour's image stood in: not this image's score
             start += len(y)
             yield x, y
-        self._batch = None
+        self._batch = self._measured = None
 
     def forward(self, x):
         logits = self.model(x)
@@ -123,7 +125,7 @@ class RealLabelScorer(nn.Module):
         sets = self.sets[self._batch]                                     # [B, width]
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices  # [B, k], as evaluate() ranks them
         hits = (top.unsqueeze(2) == sets.unsqueeze(1)).any(2)             # [B, k]; padding (-1) never matches
-        scored = sets[:, 0] >= 0                                          # a non-empty ReaL set
+        scored = (sets[:, 0] >= 0) & self._measured                       # a non-empty ReaL set, its own image
         self.totals += torch.stack([(hits[:, 0] & scored).sum(), (hits.any(1) & scored).sum(),
                                     scored.sum()]).double()
         self._batch = None

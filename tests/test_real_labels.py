@@ -115,6 +115,18 @@ def test_images_with_an_empty_real_set_are_left_out(fake_imagenet, tmp_path):
     assert row['samples'] == 8 and row['top1'] == 100 * 3 / 8      # plain accuracy still counts all 8
 
 
+def test_an_unreadable_image_is_left_out_of_real_too(fake_imagenet, tmp_path):
+    """Image 8 (ReaL set {99}, predicted 10) cannot be read: the image that stands in for it is not scored
+    against 8's ReaL labels either."""
+    _, labels, weights = fake_imagenet
+    make_val_folder(tmp_path, IMAGES)
+    broken = tmp_path / 'val' / WNIDS[99] / val_name(8)
+    broken.write_bytes(broken.read_bytes()[:60])
+    row = validate.main(argv(tmp_path, weights, labels))[0]
+    assert row['unreadable'] == 1 and row['samples'] == 7
+    assert row['real_images'] == 5 and row['real_top1'] == pytest.approx(100 * 2 / 5)
+
+
 def test_rank_shards_add_up_to_the_whole(fake_imagenet):
     """Under DDP each rank scores its own shard (every other image of the dataset order) and the counts are
     summed: run both ranks' shards here (no process group: the sum is done by hand)."""
