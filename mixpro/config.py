@@ -190,10 +190,16 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 EVAL_METRICS = ['top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss']
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None: an unset option's help says what happens instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description='Train a timm model with MixPro, TransMix or Mixup/CutMix.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description='Train a timm model with MixPro, TransMix or Mixup/CutMix.', formatter_class=_HelpFormatter)
     parser.add_argument('--config', '-c', default=None,
                         help="YAML recipe; its keys are these options, plus 'base: other.yaml' to build on another")
     _add_train_options(parser)
