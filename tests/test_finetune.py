@@ -103,7 +103,7 @@ def test_weights_of_another_architecture_are_an_error_naming_the_file(data_dir, 
     with pytest.raises(SystemExit) as exc:
         train.main(train_args(data_dir, tmp_path, 'other', 'mixpro', 1, '--initial-checkpoint', str(path)))
     message = str(exc.value)
-    assert message.startswith(f'error: {path} does not fit model deit_tiny_patch16_224: only 0 of its ')
+    assert message.startswith(f'error: {path} does not fit model deit_tiny_patch16_224: only 0 of the model\'s ')
     assert '\n' not in message
 
 
