@@ -75,11 +75,13 @@ def parse_args(argv=None):
         parser.error('give --checkpoint FILE… or --model NAME --pretrained')
     # what would fail only after an evaluation (hours on ImageNet) is refused before the first one
     if args.results_file:
-        results, folder = Path(args.results_file), Path(args.results_file).parent
+        results = Path(args.results_file)
         if results.is_dir():
             raise ConfigError(f'--results-file {args.results_file} is a folder: name a .json or .csv file')
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ConfigError(f'--results-file {args.results_file}: {folder} is not a folder this user can write to')
+        existing = next(p for p in results.absolute().parents if p.exists())   # its folder is made if missing
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(f'--results-file {args.results_file}: cannot create its folder ({existing} is '
+                              f'{"not a folder" if not existing.is_dir() else "not writable"})')
     for checkpoint in args.checkpoint:
         if not Path(checkpoint).is_file():
             raise ConfigError(f'--checkpoint {checkpoint} does not exist' if not Path(checkpoint).exists()
