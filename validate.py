@@ -50,7 +50,7 @@ def parse_args(argv=None):
                            "labels from FILE (default: timm's shipped copy)")
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
-    data.add_argument('--interpolation', default=None, choices=['bilinear', 'bicubic', 'nearest', 'lanczos'],
+    data.add_argument('--interpolation', default=None, choices=['bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming'],
                       help="resize interpolation (default: the run's, else the timm model's)")
     data.add_argument('--batch-size', '-b', type=int, default=256)
     data.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1))

@@ -319,7 +319,7 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
     if extra:
         parser.parse_args(argv)   # exits with argparse's usage message
     given = {item.split('=', 1)[0] for item in (sys.argv[1:] if argv is None else argv) if item.startswith('--')}
-    scaling = sorted(given & {'--lr-base', '--lr-base-size', '--lr-base-scale'})
+    scaling = sorted(flag for flag in given if flag.startswith('--lr-b'))   # argparse takes abbreviations too
     if scaling and args.lr is not None:   # an absolute lr wins: the scaling options would silently do nothing
         source = '--lr' if '--lr' in given else f'the recipe {args.config}'
         raise ConfigError(f'{", ".join(scaling)} would change nothing: {source} sets the absolute lr '
@@ -383,7 +383,7 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
 
 def check_input_channels(model_kwargs: dict) -> None:
     """The loaders give RGB images (grayscale ones converted), so the model must take 3 channels."""
-    channels = model_kwargs.get('in_chans', 3)
+    channels = (model_kwargs or {}).get('in_chans', 3)
     if channels != 3:
         raise ConfigError(f'--model-kwargs in_chans={channels}: the data pipeline gives 3-channel (RGB) images, '
                           f'grayscale ones converted to RGB; build the model with in_chans=3')

@@ -159,7 +159,9 @@ RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data
 def check_same_run(saved: dict, args, path: Path) -> None:
     """Refuse to resume a checkpoint of a differently configured run into this one."""
     current = vars(args)
-    differing = sorted(k for k in saved if k not in RESUMABLE_CHANGES and k in current
+    # older versions kept a class_map beside a --dataset, which ignored it
+    may_change = RESUMABLE_CHANGES | ({'class_map'} if saved.get('dataset') else set())
+    differing = sorted(k for k in saved if k not in may_change and k in current
                        and _comparable(saved[k]) != _comparable(current[k]))
     if differing:
         details = ', '.join(f'{k}: {saved[k]!r} -> {current[k]!r}' for k in differing[:6])

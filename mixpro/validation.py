@@ -67,8 +67,8 @@ def _model_from_run_state(state: dict, path, model_name, use_ema, img_size):
     try:
         _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
     except ValueError as err:
-        if img_size is None or img_size == trained_size:
-            raise
+        if img_size is None or img_size == trained_size or train_args.model != state['args']['model']:
+            raise   # not about the size
         trained = f'{trained_size} px' if trained_size else "the model's default size"
         raise ValueError(f'--img-size {img_size}: {path} was trained at {trained}, and its weights do not fit '
                          f'a {img_size} px model (a ViT\'s position embedding has one entry per patch); leave '
@@ -233,8 +233,11 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     run_args = loaded.args
     dataset_name = (getattr(run_args, 'dataset', '') if loaded.from_run else '') if args.dataset is None else args.dataset
     data_dir, split_name = _data_location(args, loaded)
+    # a run's --class-map labels its ImageFolder data (runs of older versions kept one beside a --dataset,
+    # which ignored it)
+    class_map = getattr(run_args, 'class_map', '') if loaded.from_run and not dataset_name else ''
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
-                          class_map=getattr(run_args, 'class_map', '') if loaded.from_run else '')
+                          class_map=class_map)
     model, class_to_idx = loaded.model, loaded.class_to_idx
     if getattr(args, 'torchcompile', None):   # the network only: the wrappers below count on the host
         model = torch.compile(model, backend=args.torchcompile)

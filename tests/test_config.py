@@ -84,6 +84,8 @@ def test_a_model_that_does_not_take_rgb_is_refused_before_the_first_step(tmp_pat
         validate.main(['--model', 'resnet18', '--pretrained', '--model-kwargs', 'in_chans=4'])
     assert parse_train_args(['--model-kwargs', 'in_chans=3', '--output', str(tmp_path)]).model_kwargs == {
         'in_chans': 3}
+    cleared = write(tmp_path, 'model_kwargs:\n')                       # a bare key clears a base recipe's
+    assert parse_train_args(['--config', cleared, '--output', str(tmp_path)]).model_kwargs is None
 
 
 def test_lr_base_beside_an_absolute_lr_is_refused_not_ignored(tmp_path):
@@ -95,6 +97,8 @@ def test_lr_base_beside_an_absolute_lr_is_refused_not_ignored(tmp_path):
         parse_train_args(['--lr', '1e-3', '--lr-base-size=256', '--output', str(tmp_path)])
     assert parse_train_args(['--config', recipe, '--lr', '1e-3', '--output', str(tmp_path)]).lr == 1e-3
     assert parse_train_args(['--lr-base', '1e-3', '--output', str(tmp_path)]).lr_base == 1e-3
+    with pytest.raises(ConfigError, match='--lr-base-si would change nothing'):   # argparse's abbreviation
+        parse_train_args(['--lr', '1e-3', '--lr-base-si', '256', '--output', str(tmp_path)])
 
 
 def test_base_cycle_is_an_error(tmp_path):

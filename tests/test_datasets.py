@@ -77,6 +77,15 @@ def test_cifar10_trains_and_validates_with_every_test_image_once(tmp_path, no_md
                              '--device', 'cpu'])[0]                     # dataset and folder from the checkpoint
     assert checked['samples'] == 12 and checked['top1'] == pytest.approx(state['metric'])
     assert checked['split'] == 'torch/cifar10:val'
+    # a run of an older version that kept an (unused) --class-map beside its --dataset still validates and resumes
+    (tmp_path / 'map.txt').write_text('class3\nclass1\n')
+    state['args']['class_map'] = str(tmp_path / 'map.txt')
+    torch.save(state, tmp_path / 'cifar' / 'last.pth.tar')
+    again = validate.main(['--checkpoint', str(tmp_path / 'cifar' / 'last.pth.tar'), '--workers', '0',
+                           '--device', 'cpu'])[0]
+    assert again['samples'] == 12 and again['top1'] == checked['top1']
+    resumed = train.main(cifar_args(root, tmp_path, 'torch/cifar10', '--mix-method', 'mixpro', '--epochs', '2'))
+    assert resumed['epoch'] == 1
 
 
 def test_cifar100_labels_come_from_its_fine_labels(tmp_path, no_md5):

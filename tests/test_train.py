@@ -273,6 +273,9 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, cap
     with pytest.raises(SystemExit, match='--img-size 32: .*last.pth.tar was trained at 16 px, and its weights do '
                                          'not fit a 32 px model'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--img-size', '32'])
+    with pytest.raises(SystemExit, match="does not fit model 'resnet18'"):   # the model, not the size, is wrong
+        validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--img-size', '32',
+                       '--model', 'resnet18'])
     with pytest.raises(SystemExit, match='missing.pth.tar does not exist'):
         validate.main(['--checkpoint', str(tmp_path / 'missing.pth.tar')])
     # refused before the good checkpoint is evaluated, not after: on ImageNet that is an hour
