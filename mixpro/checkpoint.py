@@ -1,8 +1,8 @@
 """Checkpoints written atomically and loadable with ``torch.load(weights_only=True)``.
 
 Run folder layout (timm's names): ``last.pth.tar`` after every epoch, ``checkpoint-<epoch>.pth.tar``
-for the best ``keep_best`` epochs by top-1 (or ``--eval-metric``), ``model_best.pth.tar``, and ``interrupted.pth.tar`` while a
-run that was stopped mid-epoch (preemption) waits to be resumed.
+for the best ``keep_best`` epochs by top-1 (or ``--eval-metric``), ``model_best.pth.tar``, and
+``interrupted.pth.tar`` while a run that was stopped mid-epoch (preemption) waits to be resumed.
 
 Crash consistency: ``last.pth.tar`` is the commit point. The best-k files of an epoch are written before
 it, so the ranking stored in ``last`` never names a file that was not written; what a kill leaves
