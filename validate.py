@@ -17,6 +17,7 @@ from pathlib import Path
 from mixpro.checkpoint import CheckpointError
 from mixpro.config import ConfigError, KeyValueAction, check_compile_backends, check_device, check_input_channels
 from mixpro.real_labels import TIMM_REAL_LABELS
+from mixpro.robustness import check_occlusion_options
 from mixpro.validation import run
 
 
@@ -50,7 +51,8 @@ def parse_args(argv=None):
                            "labels from FILE (default: timm's shipped copy)")
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
-    data.add_argument('--interpolation', default=None, choices=['bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming'],
+    data.add_argument('--interpolation', default=None,
+                      choices=['bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming'],
                       help="resize interpolation (default: the run's, else the timm model's)")
     data.add_argument('--batch-size', '-b', type=int, default=256)
     data.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1))
@@ -86,20 +88,12 @@ def parse_args(argv=None):
         if not Path(checkpoint).is_file():
             raise ConfigError(f'--checkpoint {checkpoint} does not exist' if not Path(checkpoint).exists()
                               else f'--checkpoint {checkpoint} is not a file')
-    check_occlusion_ratios(args.occlusion or [])
-    if args.occlusion_patch < 1:
-        raise ConfigError(f'--occlusion-patch {args.occlusion_patch}: must be a positive number of pixels')
+    check_occlusion_options(args.occlusion or [], args.occlusion_patch)
     check_input_channels(args.model_kwargs)
     check_compile_backends({'--torchcompile': args.torchcompile})
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     return args
-
-
-def check_occlusion_ratios(ratios) -> None:
-    for ratio in ratios:
-        if not 0 <= ratio <= 1:
-            raise ConfigError(f'--occlusion {ratio:g}: a ratio must be in [0, 1]')
 
 
 def main(argv=None):

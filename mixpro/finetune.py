@@ -189,8 +189,8 @@ def load_initial_weights(model, args, is_primary: bool = True) -> Optional[str]:
     if len(fitted) < MIN_LOADED_FRACTION * total:
         unfit = report['skipped'] + report['missing']
         raise ConfigError(f'{source} does not fit model {args.model}: only {len(fitted)} of the model\'s {total} '
-                          f'tensors match (a checkpoint of another architecture or other model_kwargs?); not matched: '
-                          f'{_names(unfit)}')
+                          f'tensors match (a checkpoint of another architecture or other model_kwargs?); '
+                          f'not matched: {_names(unfit)}')
     model.load_state_dict(fitted, strict=False)
     line = summary_line(source, model, fitted, report)
     if is_primary:

@@ -93,16 +93,22 @@ def occlusion_mask(index: int, grid: tuple, ratio: float, seed: int) -> torch.Te
     return mask.view(grid)
 
 
+def check_occlusion_options(ratios, patch: int) -> None:
+    """``--occlusion`` ratios and ``--occlusion-patch`` that can be applied to any image."""
+    for ratio in ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f'--occlusion {ratio:g}: a ratio must be in [0, 1]')
+    if patch < 1:
+        raise ConfigError(f'--occlusion-patch {patch}: must be a positive number of pixels')
+
+
 class OccludedBatches:
     """Iterates an eval loader, dropping a fraction ``ratio`` of the ``patch``-pixel patches of every
     (normalised) image: dropped pixels get the value black has after normalisation. Needs the loader's
     sampler to list dataset indices, as the eval loader's does; ``ratio`` 0 passes batches unchanged."""
 
     def __init__(self, loader, ratio: float, mean, std, patch: int = 16, seed: int = 0):
-        if not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f'--occlusion {ratio}: a ratio must be in [0, 1]')
-        if patch < 1:
-            raise ConfigError(f'--occlusion-patch {patch}: must be a positive number of pixels')
+        check_occlusion_options([ratio], patch)
         self.loader, self.ratio, self.patch, self.seed = loader, ratio, patch, seed
         self.black = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / torch.tensor(std).view(-1, 1, 1)
 

@@ -208,8 +208,9 @@ def rank_state(mixer: Mixer, partial_means: Optional[dict] = None, ema=None) -> 
              'partial_means': partial_means}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state()
-    if ema is not None and bn_statistics(ema.module):
-        state['ema_bn'] = bn_statistics(ema.module)
+    ema_bn = bn_statistics(ema.module) if ema is not None else None
+    if ema_bn:
+        state['ema_bn'] = ema_bn
     return state
 
 
@@ -380,6 +381,10 @@ def epoch_line(epoch: int, train_metrics: dict, evals: dict, run_eta: float) -> 
             f"{train_metrics['img_per_s']:.0f} img/s, run eta {format_eta(run_eta)}")
 
 
+# the evaluation numbers an epoch logs and saves, per evaluated weights (raw, EMA)
+LOGGED_METRICS = ('loss', 'top1', 'top5')
+
+
 def ranking_metric(evals: dict, args) -> Optional[float]:
     """The --eval-metric value of an epoch's evaluations; None where the epoch was not evaluated."""
     if not evals:
@@ -439,6 +444,7 @@ def run(args) -> dict:
         amp, scaler = mixed_precision(args, device, primary)
         loader, val_loader = build_loaders(args, train_set, val_set, data_config, dist_info)
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
+        lower_is_better = args.eval_metric.endswith('loss')   # --eval-metric: a loss ranks lowest first
         # the engine calls step_update() after every optimizer update and step(epoch) at each epoch's end:
         # a per-update schedule (--sched-on-updates) moves on the first, a per-epoch one on the second
         scheduler, num_epochs = create_scheduler_v2(
@@ -446,7 +452,7 @@ def run(args) -> dict:
             decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
             warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch,
-            plateau_mode='min' if args.eval_metric.endswith('loss') else 'max')
+            plateau_mode='min' if lower_is_better else 'max')
 
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
         if state.get('class_to_idx') and state['class_to_idx'] != class_to_idx:
@@ -484,7 +490,7 @@ def run(args) -> dict:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
             keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []),
-                                      args.eval_metric, lower_is_better=args.eval_metric.endswith('loss'))
+                                      args.eval_metric, lower_is_better=lower_is_better)
             for note in keeper.tidy(prune=args.resume == 'auto'):
                 print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
@@ -545,10 +551,10 @@ def run(args) -> dict:
             metric = ranking_metric(evals, args)
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
             scheduler.step(epoch + 1, metric)   # a plateau schedule moves on evaluated epochs only
-            logged = {k: {m: v[m] for m in ('loss', 'top1', 'top5')} for k, v in evals.items()}
+            logged = {k: {m: v[m] for m in LOGGED_METRICS} for k, v in evals.items()}
             saved = checkpoint(epoch, (epoch + 1, 0), evals=logged or None)
             if primary:
-                unmeasured = {k: dict.fromkeys(('loss', 'top1', 'top5'))   # the same summary.csv columns
+                unmeasured = {k: dict.fromkeys(LOGGED_METRICS)   # the same summary.csv columns
                               for k in ['eval'] + (['eval_ema'] if ema is not None else [])}
                 logger.log_epoch(epoch, train_metrics, logged or unmeasured, lr_now)
                 if train_metrics['samples'] is not None:
@@ -565,7 +571,7 @@ def run(args) -> dict:
                           f'with --resume auto continues from there', flush=True)
                 return {**result, 'stopped_by': stop.signum}
         if primary and keeper.ranking:
-            digits = 4 if args.eval_metric.endswith('loss') else 2
+            digits = 4 if lower_is_better else 2
             print(f'best {args.eval_metric} {keeper.ranking[0][0]:.{digits}f} at epoch {keeper.ranking[0][1]}',
                   flush=True)
         return result

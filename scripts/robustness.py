@@ -31,7 +31,7 @@ from mixpro.checkpoint import CheckpointError, atomic_write_text  # noqa: E402
 from mixpro.config import ConfigError  # noqa: E402
 from mixpro.distributed import cleanup, init_distributed  # noqa: E402
 from mixpro.pictures import line_plot  # noqa: E402
-from mixpro.robustness import read_class_subset, subset_outputs  # noqa: E402
+from mixpro.robustness import check_occlusion_options, read_class_subset, subset_outputs  # noqa: E402
 from mixpro.validation import check_ood_inputs, evaluate_loaded, load_model, ood_detection  # noqa: E402
 
 DEFAULT_RATIOS = [round(0.1 * k, 1) for k in range(1, 10)]
@@ -57,9 +57,9 @@ def parse_args(argv=None):
     for name in ('--class-subset', '--results-file', '--dataset'):
         if any(arg == name or arg.startswith(name + '=') for arg in rest):
             parser.error(f'{name} is set by this script')
-    validate.check_occlusion_ratios(own.occlusion)   # before the first evaluation, not after it
     checkpoints = ['--checkpoint', *own.checkpoints] if own.checkpoints else []
     base = validate.parse_args([*checkpoints, *rest, '--data-dir', own.data_dir, '--split', own.split])
+    check_occlusion_options(own.occlusion, base.occlusion_patch)   # before the first evaluation, not after it
     base.dataset = ''   # ImageFolder data, whatever dataset the checkpoints trained on
     return own, base
 
