@@ -39,6 +39,16 @@ class KeyValueAction(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
+def _float_or_none(text: str) -> Optional[float]:
+    """A float, or ``none`` to unset a value a recipe gave."""
+    if text.lower() == 'none':
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     flag = argparse.BooleanOptionalAction
     group = parser.add_argument_group('data')
@@ -103,7 +113,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--weight-decay', type=float, default=0.05)
     group.add_argument('--clip-grad', type=float, default=None)
     group.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
-    group.add_argument('--lr', type=float, default=None, help='absolute lr; default: lr_base scaled by global batch')
+    group.add_argument('--lr', type=_float_or_none, default=None,
+                       help="absolute lr; default (or 'none', over a recipe's lr): lr_base scaled by global batch")
     group.add_argument('--lr-base', type=float, default=5e-4)
     group.add_argument('--lr-base-size', type=int, default=512, help='global batch at which lr = lr_base')
     group.add_argument('--lr-base-scale', default='linear', choices=['linear', 'sqrt'])
@@ -182,7 +193,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help='epochs between TensorBoard grids of mixed samples (0 = never)')
     group.add_argument('--log-wandb', action=flag, default=False,
                        help="also log to Weights & Biases (pip install wandb; offline: WANDB_MODE=offline)")
-    group.add_argument('--wandb-project', default='mixpro', help='W&B project (the run is named --experiment)')
+    group.add_argument('--wandb-project', default=None,
+                       help='W&B project (default: mixpro; the run is named --experiment)')
     group.add_argument('--device', default=None, help='default: cuda when available, else cpu')
 
 
@@ -226,6 +238,11 @@ def _suggest(key: str, options) -> Optional[str]:
     return near[0] if near else None
 
 
+def _value_type(action: argparse.Action):
+    """The type a recipe value of ``action`` must have (``--lr none`` is a command-line spelling only)."""
+    return float if action.type is _float_or_none else action.type
+
+
 def _type_error(value, action: argparse.Action) -> Optional[str]:
     """Why ``value`` cannot stand for option ``action``, or None when it can."""
     if value is None:
@@ -234,7 +251,7 @@ def _type_error(value, action: argparse.Action) -> Optional[str]:
         return None if isinstance(value, bool) else 'expects true or false'
     if isinstance(action, KeyValueAction):
         return None if isinstance(value, dict) else 'expects a mapping of keyword arguments'
-    kind = action.type or str
+    kind = _value_type(action) or str
     if action.nargs not in (None, '?'):
         if not isinstance(value, (list, tuple)):
             return f'expects a list of {kind.__name__}'
@@ -258,7 +275,7 @@ def _coerce(value, action: argparse.Action):
     turn those into what the command line would have given."""
     if action.nargs == '?' and action.const is not None and isinstance(value, bool):
         return action.const if value else None
-    kind = action.type
+    kind = _value_type(action)
     if kind in (int, float):
         items = value if isinstance(value, list) else [value]
         try:
@@ -323,7 +340,8 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
     if scaling and args.lr is not None:   # an absolute lr wins: the scaling options would silently do nothing
         source = '--lr' if '--lr' in given else f'the recipe {args.config}'
         raise ConfigError(f'{", ".join(scaling)} would change nothing: {source} sets the absolute lr '
-                          f'{args.lr:g}, which wins over the batch-scaled lr_base; give --lr to change it')
+                          f'{args.lr:g}, which wins over the batch-scaled lr_base; give --lr to change it '
+                          f'(--lr none: the batch-scaled lr_base instead)')
     if args.experiment is None:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):

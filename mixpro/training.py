@@ -367,7 +367,7 @@ def wrap_for_training(model, args, dist_info: DistInfo):
 
 def wandb_settings(args) -> dict:
     """``wandb.init`` settings: the run named after its folder, its options as the W&B config."""
-    return {'project': args.wandb_project, 'name': args.experiment,
+    return {'project': args.wandb_project or 'mixpro', 'name': args.experiment,
             'config': {k: v for k, v in vars(args).items() if k != 'config'}}
 
 
@@ -428,6 +428,8 @@ def run(args) -> dict:
         token_size = probe.token_size if probe else label_token_size(model)
         check_image_geometry(args, data_config['input_size'][-1], token_size)
         mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
+        if args.wandb_project and not args.log_wandb and primary:
+            print(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb', flush=True)
         if args.compile_mixer and primary and (not mixer.uses_maskmix or
                                                (device.type == 'cpu' and args.mix_method == 'maskmix')):
             print(f"note: --compile-mixer compiles nothing for {args.mix_method} on {device.type}: it compiles "

@@ -226,6 +226,13 @@ def _data_config(args, loaded: LoadedModel) -> dict:
     return resolve_data_config(vars(loaded.args), model=loaded.model)
 
 
+def network(args, loaded: LoadedModel) -> nn.Module:
+    """The loaded model, ``torch.compile``d where --torchcompile asks: the network only, since the wrappers
+    around it (class subsets, ReaL, ImageNet-O) count on the host."""
+    backend = getattr(args, 'torchcompile', None)
+    return torch.compile(loaded.model, backend=backend) if backend else loaded.model
+
+
 def build_eval_data(args, loaded: LoadedModel, dist_info):
     """``(loader, model to evaluate, data config, split label)`` for one loaded model: its dataset with the
     class index its outputs need, and the model restricted to ``--class-subset`` where one is given, or
@@ -238,9 +245,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     class_map = getattr(run_args, 'class_map', '') if loaded.from_run and not dataset_name else ''
     data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
                           class_map=class_map)
-    model, class_to_idx = loaded.model, loaded.class_to_idx
-    if getattr(args, 'torchcompile', None):   # the network only: the wrappers below count on the host
-        model = torch.compile(model, backend=args.torchcompile)
+    model, class_to_idx = network(args, loaded), loaded.class_to_idx
     real_labels = getattr(args, 'real_labels', None)
     if real_labels:   # before reading any data: refuse what ReaL cannot score
         check_real_request(real_labels, dataset_name, args.class_subset, model, class_to_idx)
@@ -342,7 +347,7 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     logits (the largest softmax probability); ``ood_measures`` turns the two sets of confidences into AUPR
     and AUROC (%). Under DDP each rank scores its shard and the scores are gathered."""
     root, classes, outputs, (data_dir, split) = check_ood_inputs(args, loaded, ood_folder, option)
-    model = SubsetLogits(loaded.model, outputs).to(dist_info.device)
+    model = SubsetLogits(network(args, loaded), outputs).to(dist_info.device)
     index = {name: i for i, name in enumerate(classes)}
     datasets = {'in': image_folder(data_dir, split, False, index, select=True),
                 'ood': image_folder(str(root.parent), root.name, False, index)}

@@ -97,6 +97,8 @@ def test_lr_base_beside_an_absolute_lr_is_refused_not_ignored(tmp_path):
         parse_train_args(['--lr', '1e-3', '--lr-base-size=256', '--output', str(tmp_path)])
     assert parse_train_args(['--config', recipe, '--lr', '1e-3', '--output', str(tmp_path)]).lr == 1e-3
     assert parse_train_args(['--lr-base', '1e-3', '--output', str(tmp_path)]).lr_base == 1e-3
+    unset = parse_train_args(['--config', recipe, '--lr', 'none', '--lr-base', '1e-3', '--output', str(tmp_path)])
+    assert (unset.lr, unset.lr_base) == (None, 1e-3)   # the recipe's absolute lr given up for the scaled one
     with pytest.raises(ConfigError, match='--lr-base-si would change nothing'):   # argparse's abbreviation
         parse_train_args(['--lr', '1e-3', '--lr-base-si', '256', '--output', str(tmp_path)])
 

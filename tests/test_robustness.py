@@ -285,6 +285,15 @@ def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path)
     measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
     assert measures['in_images'] == 12 and measures['ood_images'] == 6      # val's other class is not read
     assert measures['aupr'] == pytest.approx(100.0) and measures['auroc'] == pytest.approx(100.0)
+    graphs = []
+
+    @torch._dynamo.register_backend
+    def ood_counted(graph, inputs):
+        graphs.append(graph)
+        return torch._dynamo.lookup_backend('aot_eager')(graph, inputs)
+    compiled = ood_detection(Namespace(**vars(args), torchcompile='ood_counted'), loaded, DistInfo(),
+                             str(tmp_path / 'imagenet-o'))   # validate.py --torchcompile reaches ImageNet-O too
+    assert graphs and compiled == pytest.approx(measures)
     # the same images on both sides: every score ties, AUPR is the positives' (ImageNet-O's) share, 6 of 18
     shutil.rmtree(tmp_path / 'imagenet-o')
     _grey_folder(tmp_path / 'imagenet-o', wnids, 230, 2)

@@ -94,12 +94,14 @@ def test_eval_metric_ranks_the_best_checkpoints_by_the_ema_loss(data_dir, tmp_pa
     with pytest.raises(SystemExit, match='--eval-metric ema_loss ranks by the EMA weights: it needs --model-ema'):
         train.main(train_args(data_dir, tmp_path, 'r', 'mixpro', 3, '--eval-metric', 'ema_loss'))
     train.main(train_args(data_dir, tmp_path, 'r', 'mixpro', 3, '--eval-metric', 'ema_loss', '--model-ema',
-                          '--model-ema-decay', '0.5', '--checkpoint-hist', '1'))
+                          '--model-ema-decay', '0.5', '--checkpoint-hist', '1', '--wandb-project', 'p1'))
     losses = {int(r['epoch']): float(r['eval_ema_loss']) for r in read_summary(tmp_path / 'r')}
     best_epoch = min(losses, key=lambda e: (losses[e], e))
     best = torch.load(tmp_path / 'r' / 'model_best.pth.tar', weights_only=True)
     assert best['epoch'] == best_epoch and best['metric'] == pytest.approx(losses[best_epoch], abs=1e-4)
-    assert f'best ema_loss {best["metric"]:.4f} at epoch {best_epoch}' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f'best ema_loss {best["metric"]:.4f} at epoch {best_epoch}' in out
+    assert 'note: --wandb-project p1 logs nothing without --log-wandb' in out
 
 
 def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
