@@ -158,7 +158,7 @@ class CheckpointKeeper:
 
     def tidy(self, prune: bool = True) -> List[str]:
         """Repair what a kill left behind; returns one note per repair. Without ``prune`` (a resume from
-        an older checkpoint than the folder's newest) only temp files go: later epochs' files stay."""
+        another folder's checkpoint, whose ranking names that run's epochs) only temp files go."""
         notes, last_epoch = [], _epoch_of(self.run_dir / LAST)
         for tmp in self.run_dir.glob('.*.tmp'):
             tmp.unlink(missing_ok=True)

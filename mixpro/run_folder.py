@@ -149,6 +149,35 @@ def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[
     return None, notes
 
 
+def rolls_back(args, run_dir: Path) -> bool:
+    """Whether ``--resume`` names a checkpoint of this run folder itself (a step back in its own history,
+    e.g. to before a divergence), rather than ``auto`` or a file of another folder."""
+    return args.resume not in (None, '', 'none', 'auto') and \
+        Path(args.resume).resolve().parent == Path(run_dir).resolve()
+
+
+def set_aside_later_states(run_dir: Path, resumed: Path) -> List[str]:
+    """Move the run folder's checkpoints of epochs after ``resumed`` into ``abandoned-<time>/``: left in
+    place, ``last`` would send the next ``--resume auto`` back to the abandoned epochs and ``model_best``
+    would name one of them until the new history beat it. Returns one note per file moved."""
+    position = resume_position(load_checkpoint(resumed, mmap=True))
+    later = []
+    for path in sorted(Path(run_dir).glob('*.pth.tar')):
+        try:
+            if resume_position(load_checkpoint(path, mmap=True)) > position:
+                later.append(path)
+        except CheckpointError:
+            continue   # unreadable: tidy() and the resume choice deal with it as before
+    if not later:
+        return []
+    aside = Path(run_dir) / f"abandoned-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    return [f'resuming from {resumed.name}: moved the later checkpoints {", ".join(p.name for p in later)} '
+            f'to {aside.name}/ (nothing deleted)']
+
+
 def broadcast_path(path: Optional[Path]) -> Optional[Path]:
     """Rank 0's choice on every rank."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -27,7 +27,8 @@ from .finetune import load_initial_weights
 from .logger import RunLogger, format_eta
 from .mixer import Mixer
 from .probe import AttentionProbe, find_attention_source
-from .run_folder import RunLock, StopRequest, broadcast_path, choose_resume_checkpoint, save_run_info
+from .run_folder import (RunLock, StopRequest, broadcast_path, choose_resume_checkpoint, rolls_back, save_run_info,
+                         set_aside_later_states)
 
 NEEDS_ATTENTION = ('transmix', 'mixpro')
 
@@ -256,6 +257,8 @@ def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> 
         if args.resume in (None, '', 'none') and any(run_dir.glob('*.pth.tar')):
             raise ConfigError(f'--resume none, but {run_dir} holds the checkpoints of an earlier run: give this '
                               f'run its own --experiment (or delete them to start this one afresh)')
+        if path and rolls_back(args, run_dir):
+            notes += set_aside_later_states(run_dir, path)
         for line in ([note] if note else []) + notes:
             print(f'note: {line}', flush=True)
     return broadcast_path(path)
@@ -493,7 +496,7 @@ def run(args) -> dict:
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
             keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []),
                                       args.eval_metric, lower_is_better=lower_is_better)
-            for note in keeper.tidy(prune=args.resume == 'auto'):
+            for note in keeper.tidy(prune=args.resume == 'auto' or rolls_back(args, run_dir)):
                 print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
                   f'{_count(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '

@@ -536,17 +536,24 @@ def test_resume_auto_refuses_to_start_over_when_no_checkpoint_can_be_read(data_d
     assert (tmp_path / 'unreadable' / 'last.pth.tar').read_bytes() == b'damaged'    # nothing overwritten
 
 
-def test_resume_from_an_older_checkpoint_keeps_the_later_files(data_dir, tmp_path):
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp_path, capsys):
     args = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 3, '--checkpoint-hist', '3')
     train.main(args)
     run_dir = tmp_path / 'older'
-    before = sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar'))
-    assert before == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
-    best = _load(run_dir / 'model_best.pth.tar')['epoch']
+    later = {name: _load(run_dir / name)['state_dict'] for name in ('checkpoint-1.pth.tar', 'checkpoint-2.pth.tar',
+                                                                   'last.pth.tar')}
     again = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 2, '--checkpoint-hist', '3')
     train.main([*again, '--resume', str(run_dir / 'checkpoint-0.pth.tar')])   # redo epoch 1 only
-    assert sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar')) == before
-    assert best in (0, 1, 2)
+    assert 'moved the later checkpoints' in capsys.readouterr().out
+    (aside,) = run_dir.glob('abandoned-*')                                   # nothing deleted
+    for name, weights in later.items():
+        kept = _load(aside / name)['state_dict']
+        assert all(torch.equal(weights[k], kept[k]) for k in weights)
+    assert sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar')) == ['checkpoint-0.pth.tar',
+                                                                            'checkpoint-1.pth.tar']
+    assert _load(run_dir / 'model_best.pth.tar')['epoch'] in (0, 1)          # not the abandoned epoch 2
+    assert _load(run_dir / 'last.pth.tar')['epoch'] == 1
+    assert train.main(again)['epoch'] == 1      # --resume auto goes on from the new history, not epoch 2
 
 
 def test_resume_refuses_a_data_dir_whose_classes_differ(data_dir, tmp_path):

@@ -140,6 +140,9 @@ def test_torchrun_forwards_usr1_and_waits_for_the_checkpoint(fake_slurm):
     assert args[:2] == ['--kill-on-bad-exit=1', '/venv/bin/python']
     assert args[args.index('train.py'):] == ['train.py', '--config', 'configs/deit_b_mixpro.yaml',
                                              '--data-dir', '/data/imagenet']
+    status, out = finish(start(env, 'ok', SLURM_RESTART_COUNT='1'))   # a requeued start: from where it stopped
+    assert status == 0, out
+    assert lines(folder / 'srun.args')[-2:] == ['--resume', 'auto']
 
 
 def test_normal_finish_exits_0_without_requeue(fake_slurm):
