@@ -156,7 +156,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--maskmix-prob', type=float, default=0.5, help='mixpro: probability of MaskMix + PAL')
     group.add_argument('--maskmix-alpha', type=float, default=1.0)
     group.add_argument('--mask-cell', type=int, default=64, help='MaskMix cell size in pixels')
-    group.add_argument('--maskmix-lam', default='exact', choices=['exact', 'cells'])
+    group.add_argument('--maskmix-lam', default='exact', choices=['exact', 'cells'],
+                       help='MaskMix lambda: the kept pixel area, or kept cells / cells (official; the same '
+                            'where the cells divide the image)')
     group.add_argument('--membership', default='area', choices=['area', 'nearest'])
     group.add_argument('--pal-smoothing', type=float, default=0.0,
                        help='label smoothing of the PAL target (official MixPro: none)')

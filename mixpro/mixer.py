@@ -99,8 +99,9 @@ class Mixer:
         maskmix_alpha: Beta parameter of the MaskMix keep ratio.
         mask_cell: MaskMix cell size in pixels; a multiple of ``token_size``.
         token_size: pixel size of one token of the attention grid used for labels.
-        maskmix_lam: ``'exact'`` visible pixel fraction, or ``'cells'`` (official: cropped
-            border cells count as whole cells).
+        maskmix_lam: ``'exact'`` visible pixel fraction, or ``'cells'``: kept cells / all cells, the
+            official formula, which equals the area only where the cell divides the image (the official
+            56 px at 224; cropped border cells count as whole cells here).
         membership: ``'area'`` token membership, or ``'nearest'`` (official TransMix).
         pal_smoothing: label smoothing of the final PAL target (official: none).
         pal_detach_alpha: stop gradients through PAL's α (official code lets them flow).

@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, distribute_bn
 
-from .checkpoint import LAST, CheckpointKeeper, load_checkpoint, resume_position
+from .checkpoint import LAST, CheckpointError, CheckpointKeeper, load_checkpoint, resume_position
 from .config import ConfigError
 from .data import (build_dataset, class_index_of, dataset_size, eval_loader, is_stream, num_classes_of,
                    set_loader_epoch, stop_workers, train_loader)
@@ -183,7 +183,12 @@ def restore_training_state(path, args, model, optimizer, scheduler, scaler) -> d
     saved_args = state.get('args', {})
     check_same_run(saved_args, args, path)
     model.load_state_dict(state['state_dict'])
-    optimizer.load_state_dict(state['optimizer'])
+    try:
+        optimizer.load_state_dict(state['optimizer'])
+    except ValueError as err:   # e.g. a model whose weight-decay exemptions changed (PVT's did)
+        raise CheckpointError(f'{path}: its optimizer state does not fit the parameter groups this code builds '
+                              f'({err}); resume it with the commit that wrote it (run_info.yaml: '
+                              f'git_commit)') from err
     if saved_args.get('epochs', args.epochs) == args.epochs:
         scheduler.load_state_dict(state['scheduler'])
     else:   # timm's way: the schedule built for the new length, moved to where the run stands

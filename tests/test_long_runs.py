@@ -556,6 +556,19 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp
     assert train.main(again)['epoch'] == 1      # --resume auto goes on from the new history, not epoch 2
 
 
+def test_resume_names_an_optimizer_state_that_does_not_fit_the_parameter_groups(data_dir, tmp_path):
+    args = train_args(data_dir, tmp_path, 'groups', 'mixup_cutmix', 1)
+    train.main(args)
+    last = tmp_path / 'groups' / 'last.pth.tar'
+    state = _load(last)
+    groups = state['optimizer']['param_groups']   # one parameter moved to the other group, as a model
+    groups[1]['params'].append(groups[0]['params'].pop())   # whose weight-decay exemptions changed
+    atomic_save(state, last)
+    with pytest.raises(SystemExit, match="last.pth.tar: its optimizer state does not fit .*run_info.yaml"):
+        train.main(train_args(data_dir, tmp_path, 'groups', 'mixup_cutmix', 2))
+    assert _load(last)['optimizer']['param_groups'][1]['params'] == groups[1]['params']   # left as it was
+
+
 def test_resume_refuses_a_data_dir_whose_classes_differ(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'classes', 'mixup_cutmix', 1))
     other = make_image_folder(tmp_path / 'other', classes=3, train_per_class=12, val_per_class=6)

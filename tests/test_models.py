@@ -2,6 +2,7 @@
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from timm.layers import Attention
 from timm.models.cait import ClassAttn
 
@@ -95,6 +96,19 @@ def test_pvt_attention_layers():
     assert torch.allclose(fused, attn(x, (56, 56)), atol=1e-5)
     # position embeddings sized for 224 px are resized for other inputs
     assert model.eval()(torch.randn(1, 3, 96, 128)).shape == (1, 10)
+
+
+def test_pvt_norms_and_weight_decay_follow_the_official_code():
+    from timm.optim import create_optimizer_v2
+    model = timm.create_model('pvt_tiny', num_classes=10, depths=(1, 1, 1, 1))
+    eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert {n for n, e in eps.items() if e == 1e-5} == {f'stages.{i}.patch_embed.norm' for i in range(4)} | {
+        f'stages.{i}.blocks.0.attn.norm' for i in range(3)}           # reductions and patch embeddings
+    assert eps['norm'] == eps['stages.0.blocks.0.norm1'] == eps['stages.3.blocks.0.norm2'] == 1e-6
+    optimizer = create_optimizer_v2(model, opt='adamw', weight_decay=0.05)   # as train.py builds it
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] for p in g['params']}
+    assert {f'stages.{i}.pos_embed' for i in range(4)} <= decayed and 'cls_token' not in decayed
 
 
 def full_attention_cls_row(layer, x, num_prefix):

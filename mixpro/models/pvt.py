@@ -14,6 +14,10 @@ Architecture (PVT paper, Sec. 3 and Table 1):
 * a class token is prepended in stage 4 (whose position embedding has one extra slot); the final
   LayerNorm is applied to all stage-4 tokens and the classifier reads the class token.
 * stochastic depth rising linearly from 0 to ``drop_path_rate`` over all blocks.
+* as in the official code (whai362/PVT ``classification/pvt.py``): the blocks' and the final LayerNorm
+  have eps 1e-6 (``norm_layer``), the patch embeddings' and the reduction's torch's default 1e-5; weight
+  decay spares the class token only (and, as timm's optimizer factory does, 1-D parameters), not the
+  position embeddings.
 
 In stage 4 the sr ratio is 1, so its attention is plain multi-head self-attention: those blocks use
 timm's own ``timm.layers.Attention`` (one fused qkv projection; the same parameter count as PVT's
@@ -29,6 +33,7 @@ Parameter counts at num_classes=1000, 224 px (tests/test_models.py checks them w
 Table 1 = MixPro Table 1: Tiny 13,229,288 (13.2M), Small 24,485,864 (24.5M), Medium 44,208,104 (44.2M),
 Large 61,369,320 (61.4M).
 """
+from functools import partial
 from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -118,8 +123,7 @@ class PvtBlock(nn.Module):
         self.norm1 = norm_layer(dim, **dd)
         if sr_ratio > 1:
             self.attn = SpatialReductionAttention(
-                dim, num_heads, sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                norm_layer=norm_layer, **dd)
+                dim, num_heads, sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         else:
             self.attn = Attention(
                 dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
@@ -150,7 +154,7 @@ class PvtStage(nn.Module):
         self.grid_size = tuple(grid_size)               # token grid this stage's pos_embed is sized for
         self.num_prefix_tokens = num_prefix_tokens
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, norm_layer=norm_layer, **dd)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, **dd)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + grid_size[0] * grid_size[1], dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop)
         self.blocks = nn.ModuleList([
@@ -204,7 +208,7 @@ class PyramidVisionTransformer(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
             device=None,
             dtype=None,
     ):
@@ -263,7 +267,9 @@ class PyramidVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {'cls_token'} | {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
+        # the class token only: PVT's code decays the position embeddings (its comment wonders whether
+        # exempting them would be better, but it does not)
+        return {'cls_token'}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
