@@ -8,6 +8,7 @@ silent random init.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -62,6 +63,9 @@ def timm_pretrained_weights(model_name: str,
     """timm's published weights for ``model_name`` and their name. timm builds its default architecture
     (its image size and class count), so its own loader and conversions apply; fit_weights() then adapts
     them to this run's model like any other file."""
+    if not os.environ.get('HF_HUB_OFFLINE') and not _in_hub_cache(model_name):
+        print(f"note: --pretrained: fetching timm's weights for {model_name} from the Hugging Face Hub; "
+              f'without network this waits for its retries (HF_HUB_OFFLINE=1 fails at once)', flush=True)
     try:
         source = timm.create_model(model_name, pretrained=True)
     except (OSError, RuntimeError, ValueError) as err:   # no network / not in the cache (HF hub, URL:
@@ -72,6 +76,17 @@ def timm_pretrained_weights(model_name: str,
     cfg = source.pretrained_cfg
     name = f"timm's pretrained {cfg.get('architecture', model_name)}" + (f".{cfg['tag']}" if cfg.get('tag') else '')
     return source.state_dict(), name
+
+
+def _in_hub_cache(model_name: str) -> bool:
+    """Whether timm's Hugging Face Hub weights for ``model_name`` are in the local cache already."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hub_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id
+        return bool(hub_id) and any(isinstance(try_to_load_from_cache(hub_id, name), str)
+                                    for name in ('model.safetensors', 'pytorch_model.bin'))
+    except Exception:   # an unknown model or no huggingface_hub: timm's own error follows
+        return False
 
 
 def family_filter(model):

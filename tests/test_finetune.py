@@ -74,16 +74,19 @@ def test_a_train_checkpoint_uses_the_plain_weights_not_the_ema(source, tmp_path)
     assert torch.equal(read_weights(tmp_path / 'with_ema.pth.tar')[BODY], state['state_dict'][BODY])
 
 
-def test_pretrained_without_network_is_one_line_naming_the_model(data_dir, tmp_path, monkeypatch):
+def test_pretrained_without_network_is_one_line_naming_the_model(data_dir, tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):   # what huggingface_hub raises offline with nothing in its cache
         raise LocalEntryNotFoundError('An error happened while trying to locate the file on the Hub and we '
                                       'cannot find the requested files in the local cache.')
     monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_hf', offline)
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
     with pytest.raises(SystemExit) as exc:
         train.main(train_args(data_dir, tmp_path, 'pre', 'mixpro', 1, '--pretrained'))
     message = str(exc.value)
     assert message.startswith('error: --pretrained: ') and '\n' not in message
     assert 'deit_tiny_patch16_224' in message and '--initial-checkpoint' in message
+    # the wait for the hub's retries is explained before it starts (nothing cached here)
+    assert 'fetching timm\'s weights for deit_tiny_patch16_224 from the Hugging Face Hub' in capsys.readouterr().out
 
 
 def test_pretrained_weights_are_fitted_like_a_file(monkeypatch):
