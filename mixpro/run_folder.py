@@ -149,11 +149,15 @@ def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[
     return None, notes
 
 
+def in_folder(path: Optional[Path], run_dir: Path) -> bool:
+    """Whether checkpoint ``path`` lies in the run folder (its best-k ranking names this folder's files)."""
+    return path is not None and Path(path).resolve().parent == Path(run_dir).resolve()
+
+
 def rolls_back(args, run_dir: Path) -> bool:
     """Whether ``--resume`` names a checkpoint of this run folder itself (a step back in its own history,
     e.g. to before a divergence), rather than ``auto`` or a file of another folder."""
-    return args.resume not in (None, '', 'none', 'auto') and \
-        Path(args.resume).resolve().parent == Path(run_dir).resolve()
+    return args.resume not in (None, '', 'none', 'auto') and in_folder(Path(args.resume), run_dir)
 
 
 def set_aside_later_states(run_dir: Path, resumed: Path) -> List[str]:
@@ -204,7 +208,8 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
     """``config.yaml`` (the resolved options, itself a valid ``--config``) and ``run_info.yaml``: the first
     start's command line and versions, and one entry per resumption under ``resumes``."""
     import timm
-    resolved = {k: v for k, v in vars(args).items() if k != 'config'}
+    # relaunched from config.yaml, the run goes on from its own folder, not again from a --resume PATH
+    resolved = {**{k: v for k, v in vars(args).items() if k != 'config'}, 'resume': 'auto'}
     atomic_write_text(run_dir / 'config.yaml', yaml.safe_dump(resolved, sort_keys=False))
     start = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
              'torch': str(torch.__version__), 'timm': timm.__version__,
@@ -213,6 +218,6 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
     info = yaml.safe_load(info_path.read_text()) if (resumed_from and info_path.exists()) else None
     if isinstance(info, dict):
         info.setdefault('resumes', []).append({**start, 'from': str(resumed_from)})
-    else:
-        info = start
+    else:   # a first start may continue another folder's checkpoint
+        info = {**start, **({'from': str(resumed_from)} if resumed_from else {})}
     atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))

@@ -27,8 +27,8 @@ from .finetune import load_initial_weights
 from .logger import RunLogger, format_eta
 from .mixer import Mixer
 from .probe import AttentionProbe, find_attention_source
-from .run_folder import (RunLock, StopRequest, broadcast_path, choose_resume_checkpoint, rolls_back, save_run_info,
-                         set_aside_later_states)
+from .run_folder import (RunLock, StopRequest, broadcast_path, choose_resume_checkpoint, in_folder, rolls_back,
+                         save_run_info, set_aside_later_states)
 
 NEEDS_ATTENTION = ('transmix', 'mixpro')
 
@@ -499,9 +499,12 @@ def run(args) -> dict:
         if primary:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
-            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist, state.get('checkpoint_ranking', []),
+            # another folder's checkpoint ranks that folder's files: this folder's best-k starts afresh
+            own_folder = in_folder(checkpoint_path, run_dir)
+            keeper = CheckpointKeeper(run_dir, args.checkpoint_hist,
+                                      state.get('checkpoint_ranking', []) if own_folder else [],
                                       args.eval_metric, lower_is_better=lower_is_better)
-            for note in keeper.tidy(prune=args.resume == 'auto' or rolls_back(args, run_dir)):
+            for note in keeper.tidy(prune=args.resume == 'auto' or own_folder):
                 print(f'note: {note}', flush=True)
             print(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
                   f'{_count(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '

@@ -113,9 +113,10 @@ def sbatch_file(run: str, config: str, args) -> str:
 PLAN_OWNED = ('--config', '-c', '--experiment', '--output', '--data-dir')
 
 
-def check_train_options(config: str, options: list) -> None:
-    """Stop on train.py options it would refuse, before 42 jobs are written or submitted (what depends on the
-    machine, such as a GPU or the wandb package, is left to the jobs: this may be a login node)."""
+def check_train_options(configs: list, options: list) -> None:
+    """Stop on train.py options it would refuse with any of the plan's recipes, before 42 jobs are written or
+    submitted (what depends on the machine, such as a GPU or the wandb package, is left to the jobs: this may
+    be a login node)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from mixpro.config import ConfigError, parse_train_args
@@ -124,10 +125,12 @@ def check_train_options(config: str, options: list) -> None:
     if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
         sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (each run is its recipe, in the '
                  f'folder named after it; --data-dir and --output are options of plan itself, before --)')
+    config = configs[0]
     try:
-        parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
+        for config in configs:   # recipes differ (e.g. PVT and CA-Swin train without an EMA)
+            parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
     except ConfigError as err:
-        sys.exit(f'error: the train.py options after -- ({given}) are refused: {err}')
+        sys.exit(f'error: the train.py options after -- ({given}) are refused with {config}: {err}')
     except SystemExit as err:   # argparse has printed train.py's usage and the reason above
         sys.exit(f'error: the train.py options after -- ({given}) are refused'
                  + (': see the message above' if err.code else ''))
@@ -143,7 +146,7 @@ def plan(args) -> list:
         planned.append((run, config))
     if missing:
         sys.exit('error: missing recipes: ' + ', '.join(missing))
-    check_train_options(planned[0][1], args.train_options)
+    check_train_options([config for _, config in planned], args.train_options)
     print(f'# {len(planned)} runs, {args.nodes} node(s) x {args.gpus_per_node} GPU(s) each; global batch = '
           f'{args.nodes * args.gpus_per_node} x the recipe\'s batch_size (lr follows it where a recipe sets lr_base)')
     if args.slurm:

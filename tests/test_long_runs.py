@@ -556,6 +556,23 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp
     assert train.main(again)['epoch'] == 1      # --resume auto goes on from the new history, not epoch 2
 
 
+def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(data_dir, tmp_path):
+    train.main(train_args(data_dir, tmp_path, 'first', 'mixup_cutmix', 2))
+    source = tmp_path / 'first' / 'last.pth.tar'
+    args = train_args(data_dir, tmp_path, 'second', 'mixup_cutmix', 3)
+    train.main([*args, '--resume', str(source)])
+    run_dir = tmp_path / 'second'
+    last = _load(run_dir / 'last.pth.tar')
+    assert [epoch for _, epoch in last['checkpoint_ranking']] == [2]       # not the first folder's epochs
+    assert _load(run_dir / 'model_best.pth.tar')['epoch'] == 2
+    assert yaml.safe_load((run_dir / 'run_info.yaml').read_text())['from'] == str(source)
+    assert yaml.safe_load((run_dir / 'config.yaml').read_text())['resume'] == 'auto'
+    # relaunched from its config.yaml, the run goes on from its own folder (finished), not again from `first`
+    written = (run_dir / 'last.pth.tar').stat().st_mtime_ns
+    assert train.main(['--config', str(run_dir / 'config.yaml')])['epoch'] == 2
+    assert (run_dir / 'last.pth.tar').stat().st_mtime_ns == written     # epoch 2 not trained again
+
+
 def test_resume_names_an_optimizer_state_that_does_not_fit_the_parameter_groups(data_dir, tmp_path):
     args = train_args(data_dir, tmp_path, 'groups', 'mixup_cutmix', 1)
     train.main(args)
