@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from mixpro.checkpoint import CheckpointError
-from mixpro.config import ConfigError, KeyValueAction, check_compile_backends, check_device, check_input_channels
+from mixpro.config import (INTERPOLATIONS, ConfigError, KeyValueAction, check_compile_backends, check_device,
+                           check_input_channels)
 from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.robustness import check_occlusion_options
 from mixpro.validation import run
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     data.add_argument('--img-size', type=int, default=None)
     data.add_argument('--crop-pct', type=float, default=None)
     data.add_argument('--interpolation', default=None,
-                      choices=['bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming'],
+                      choices=INTERPOLATIONS,
                       help="resize interpolation (default: the run's, else the timm model's)")
     data.add_argument('--batch-size', '-b', type=int, default=256)
     data.add_argument('--workers', '-j', type=int, default=min(4, os.cpu_count() or 1))

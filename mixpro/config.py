@@ -39,6 +39,10 @@ class KeyValueAction(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming')   # timm's, by name
+SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant', 'rsqrt')   # create_scheduler_v2
+
+
 def _float_or_none(text: str) -> Optional[float]:
     """A float, or ``none`` to unset a value a recipe gave."""
     if text.lower() == 'none':
@@ -68,8 +72,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction')
     group.add_argument('--mean', type=float, nargs=3, default=None)
     group.add_argument('--std', type=float, nargs=3, default=None)
-    group.add_argument('--interpolation', default='', help='eval resize interpolation')
-    group.add_argument('--train-interpolation', default='random')
+    group.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS],
+                       help="eval resize interpolation (default: the model's)")
+    group.add_argument('--train-interpolation', default='random', choices=['random', *INTERPOLATIONS],
+                       help='random: one of bilinear and bicubic per image (timm)')
     group.add_argument('--batch-size', '-b', type=int, default=128, help='per-process batch size')
     group.add_argument('--validation-batch-size', type=int, default=None)
     group.add_argument('--workers', '-j', type=int, default=4)
@@ -118,7 +124,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--lr-base', type=float, default=5e-4)
     group.add_argument('--lr-base-size', type=int, default=512, help='global batch at which lr = lr_base')
     group.add_argument('--lr-base-scale', default='linear', choices=['linear', 'sqrt'])
-    group.add_argument('--sched', default='cosine')
+    group.add_argument('--sched', default='cosine', choices=SCHEDULES)
     group.add_argument('--sched-on-updates', action=flag, default=False,
                        help='step the lr schedule (and its warmup) every optimizer update instead of every epoch')
     group.add_argument('--epochs', type=int, default=300)
@@ -369,8 +375,9 @@ VALUE_RULES = {
     **dict.fromkeys(['reprob', 'mixup_prob', 'mixup_switch_prob', 'maskmix_prob', 'smoothing', 'pal_smoothing',
                      'hflip', 'vflip', 'model_ema_decay', 'layer_decay'], _PROBABILITY),
     **dict.fromkeys(['drop', 'drop_path'], _RATE),
+    'crop_pct': (lambda v: 0 < v <= 1, 'in (0, 1]'),
 }
-_UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'clip_grad', 'layer_decay'}
+_UNSET_OK = {'validation_batch_size', 'img_size', 'lr', 'mixup_switch_prob', 'clip_grad', 'layer_decay', 'crop_pct'}
 # named by the YAML key rather than the flag: tests/test_train.py matches this wording
 _KEY_NAMED = {'checkpoint_hist'}
 

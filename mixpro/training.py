@@ -401,6 +401,16 @@ def ranking_metric(evals: dict, args) -> Optional[float]:
     return evals['eval_ema' if ema else 'eval'][name]
 
 
+def check_num_classes(args, train_set) -> None:
+    """A --num-classes below the data's labels would fail in the first batch's targets (more is fine, as
+    in timm: unused outputs)."""
+    labels = class_index_of(train_set)
+    needed = max(labels.values()) + 1 if labels else 0
+    if args.num_classes and needed > args.num_classes:
+        raise ConfigError(f'--num-classes {args.num_classes}: the training data has labels up to {needed - 1} '
+                          f'({len(labels)} classes), so the model needs at least {needed} outputs')
+
+
 def evaluates_after(epoch: int, args, num_epochs: int) -> bool:
     """Every --val-interval epochs, counted from the run's start, and after the last epoch."""
     return (epoch + 1) % args.val_interval == 0 or epoch + 1 >= num_epochs
@@ -423,6 +433,7 @@ def run(args) -> dict:
     try:
         checkpoint_path = open_run_folder(run_dir, args, dist_info, lock)
         train_set, val_set, class_to_idx = load_datasets(args, dist_info)
+        check_num_classes(args, train_set)
         num_classes = args.num_classes = args.num_classes or num_classes_of(train_set)
         torch.manual_seed(args.seed)   # the same initial weights on every rank, before DDP syncs them
         model = use_sync_bn(build_model(args, num_classes), args, dist_info)

@@ -193,13 +193,17 @@ def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
         raise ConfigError(f'{root} has class folder(s) outside --class-subset {option}: {", ".join(unknown[:5])}')
 
 
-def _numbered_classes(root: Path, class_to_idx, is_primary: bool):
+def _numbered_classes(root: Path, class_to_idx, is_primary: bool, num_outputs: Optional[int] = None):
     """ImageNet-V2's layout names class folders by output index (0 … 999): label them by that number
     when the model's class names do not name them."""
     folders = _folder_names(root)
     if not folders or not all(name.isdigit() for name in folders) or \
             (class_to_idx and any(name in class_to_idx for name in folders)):
         return class_to_idx
+    beyond = sorted((name for name in folders if num_outputs and int(name) >= num_outputs), key=int)
+    if beyond:
+        raise ConfigError(f'the class folders of {root} are numbers, read as output indices, but the model has '
+                          f'{num_outputs} outputs: folder(s) {", ".join(beyond[:5])} name no output of it')
     if is_primary:
         print(f'note: the class folders of {root} are numbers: each labels the output of that index', flush=True)
     return {name: int(name) for name in folders}
@@ -259,7 +263,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
         class_to_idx = {name: i for i, name in enumerate(subset)}   # labels: positions in the subset
         data_args.class_map = ''
     elif not dataset_name:
-        class_to_idx = _numbered_classes(Path(data_dir) / split_name, class_to_idx, dist_info.is_primary)
+        class_to_idx = _numbered_classes(Path(data_dir) / split_name, class_to_idx, dist_info.is_primary,
+                                         getattr(loaded.model, 'num_classes', None))
     dataset = build_dataset(data_args, split_name, is_training=False, class_to_idx=class_to_idx)
     classes = num_classes_of(dataset)
     expected = getattr(run_args, 'num_classes', None) if loaded.from_run else None

@@ -43,6 +43,8 @@ def test_base_recipe_is_inherited_and_overridden(tmp_path):
     ('scale: 0.5\n', "key 'scale' expects a list of float"),
     ('scale: [0.1, 0.5, 1.0]\n', "key 'scale' expects 2 values"),
     ('mix_method: cutmixup\n', "key 'mix_method' expects one of mixup_cutmix, transmix, maskmix, mixpro"),
+    ('sched: cosin\n', "key 'sched' expects one of cosine, tanh"),                    # timm's scheduler names
+    ('train_interpolation: foo\n', "key 'train_interpolation' expects one of random, bilinear"),
     ('- lr\n', 'must be a mapping'),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
@@ -130,6 +132,7 @@ def test_base_cycle_is_an_error(tmp_path):
     (['--clip-grad', '0'], '--clip-grad must be > 0, got 0.0'),
     (['--drop-path', '1'], '--drop-path must be in [0, 1), got 1.0'),
     (['--checkpoint-hist', '0'], 'checkpoint_hist must be >= 1, got 0'),
+    (['--crop-pct', '3'], '--crop-pct must be in (0, 1], got 3.0'),
 ])
 def test_out_of_range_values_name_the_option_and_value(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

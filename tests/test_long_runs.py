@@ -452,6 +452,7 @@ def test_validate_uses_the_checkpoint_precision_unless_told(data_dir, tmp_path, 
     (['--mask-cell', '16'], '--mask-cell 16 covers the whole 16-px image'),
     (['--img-size', '18', '--mask-cell', '4'], 'image size 18 px is not a multiple of the 4-px tokens'),
     (['--batch-size', '64'], 'has 36 images, fewer than one batch of 64'),
+    (['--num-classes', '2'], '--num-classes 2: the training data has labels up to 2 (3 classes)'),
 ])
 def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):

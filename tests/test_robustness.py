@@ -222,6 +222,9 @@ def test_numbered_class_folders_label_their_output(colour_model, tmp_path, capsy
     rows = validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
     assert 'are numbers: each labels the output of that index' in capsys.readouterr().out
     assert rows[0]['samples'] == 24 and rows[0]['top1'] == 100.0
+    (tmp_path / 'v2' / '3').mkdir()                                         # the model has 3 outputs: 0, 1, 2
+    with pytest.raises(SystemExit, match=r'v2 are numbers, .* 3 outputs: folder\(s\) 3 name no output'):
+        validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
 
 
 def test_occlusion_follows_dataset_indices_across_ranks():
