@@ -98,8 +98,17 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:
+        if not _looks_like_torch_save(path):   # torch's own message would suggest weights_only=False
+            raise CheckpointError(f'checkpoint {path} cannot be read: it is not a file torch.save wrote') from err
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f'checkpoint {path} cannot be read: {reason}') from err
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (a pickle in the legacy format, which starts with protocol 2)."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    return head in (b'PK', b'\x80\x02')
 
 
 def resume_position(state: dict) -> Tuple[int, int]:
