@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 train.py --config configs/deit_t_mixpro.yaml --data-dir /data/imagenet
 
 Exit status: 0 when the run finished, 1 on an error (one line naming it), 128 + the signal number
-(143 for SIGTERM, 138 for SIGUSR1) when a signal stopped the run after it saved where it was.
+(143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT / Ctrl-C) when a signal stopped the run after it saved
+where it was.
 """
 import sys
 

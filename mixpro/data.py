@@ -382,7 +382,7 @@ def _worker_options(workers: int, pin_memory: bool, device) -> dict:
 
 _FORKSERVER = multiprocessing.get_context('forkserver')
 _FORKSERVER.set_forkserver_preload(['mixpro.data'])   # torch and timm imported once, in the server
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # StopRequest.SIGNALS (a Ctrl-C reaches all)
 
 
 def _start_forkserver() -> None:

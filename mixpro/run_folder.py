@@ -76,11 +76,12 @@ class RunLock:
 
 
 class StopRequest:
-    """SIGTERM (Slurm preemption, scancel) and SIGUSR1 (``sbatch --signal``) ask the run to stop: the
-    training loop finishes its optimizer step, saves where it is, and exits. Every rank stops at the same
-    step: ``requested()`` takes the maximum over ranks on a CPU (gloo) group, so no device sync is needed."""
+    """SIGTERM (Slurm preemption, scancel), SIGUSR1 (``sbatch --signal``) and SIGINT (Ctrl-C, or torchrun
+    passing one on) ask the run to stop: the training loop finishes its optimizer step, saves where it is,
+    and exits. Every rank stops at the same step: ``requested()`` takes the maximum over ranks on a CPU
+    (gloo) group, so no device sync is needed."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, distributed: bool = False):
         self.received = 0    # set by the handler, on this rank

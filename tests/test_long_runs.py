@@ -59,8 +59,10 @@ def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(d
     assert read_summary(run_dir) == read_summary(tmp_path / 'straight')  # losses, top-1, lr: all equal
 
 
-@pytest.mark.parametrize('signum,to_group,workers', [(signal.SIGUSR1, False, '0'), (signal.SIGTERM, True, '2')],
-                         ids=['usr1-to-the-process', 'term-to-the-process-group-with-workers'])
+@pytest.mark.parametrize('signum,to_group,workers', [(signal.SIGUSR1, False, '0'), (signal.SIGTERM, True, '2'),
+                                                     (signal.SIGINT, True, '2')],
+                         ids=['usr1-to-the-process', 'term-to-the-process-group-with-workers',
+                              'ctrl-c-to-the-process-group-with-workers'])
 def test_a_signal_to_the_command_line_saves_and_exits_128_plus_it(data_dir, tmp_path, signum, to_group, workers):
     """A cluster signals every process of the job: the data-loading workers and their forkserver too."""
     args = train_args(data_dir, tmp_path, 'signalled', 'mixup_cutmix', 200, '--workers', workers)
