@@ -13,13 +13,16 @@ their loader workers, an epoch has a known number of steps (``num_samples`` from
 stopped mid-epoch redoes that epoch from its first step, and evaluation deals whole shards to the ranks so
 that every image is counted exactly once.
 """
+import atexit
 import dataclasses
 import importlib.util
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.util  # noqa: F401  (its exit hook, registered before ours)
 import os
 import random
 import signal
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -380,6 +383,21 @@ def _worker_options(workers: int, pin_memory: bool, device) -> dict:
     return options
 
 
+def _data_loader(dataset, workers: int, pin_memory: bool, device, **options) -> torch.utils.data.DataLoader:
+    """A DataLoader with this module's worker settings, whose workers are ended when the process exits."""
+    loader = torch.utils.data.DataLoader(dataset, **options, **_worker_options(workers, pin_memory, device))
+    if workers > 0:
+        _WITH_WORKERS.add(loader)
+    return loader
+
+
+# The workers ignore SIGTERM and SIGINT, so the interpreter's exit, which sends its daemon children SIGTERM
+# and joins them, would wait forever on the workers of a loader still alive then (a script that keeps one
+# in a variable, or one stopped by Ctrl-C). This hook ends them first: atexit runs the hooks registered
+# last first, and multiprocessing registered its own when it was imported above.
+_WITH_WORKERS = weakref.WeakSet()
+atexit.register(lambda: stop_workers(*list(_WITH_WORKERS)))
+
 _FORKSERVER = multiprocessing.get_context('forkserver')
 _FORKSERVER.set_forkserver_preload(['mixpro.data'])   # torch and timm imported once, in the server
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # StopRequest.SIGNALS (a Ctrl-C reaches all)
@@ -434,10 +452,9 @@ def _indexed_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool, au
         order = torch.utils.data.distributed.DistributedSampler(
             dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
     sampler = EpochSampler(order, args.batch_size, args.seed, dist_info.rank)
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=fast_collate if prefetch else None, **_worker_options(args.workers, args.pin_mem, dist_info.device))
-    return loader
+    return _data_loader(SeededSamples(dataset), args.workers, args.pin_mem, dist_info.device,
+                        batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=fast_collate if prefetch else None)
 
 
 def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
@@ -457,9 +474,8 @@ def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
     reader.dist_rank, reader.dist_num_replicas = dist_info.rank, world   # as this run's DistInfo says
     reader.batch_size = args.batch_size
     _prepare_stream(dataset, workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, drop_last=True, collate_fn=fast_collate if prefetch else None,
-        **_worker_options(workers, args.pin_mem, dist_info.device))
+    return _data_loader(dataset, workers, args.pin_mem, dist_info.device, batch_size=args.batch_size,
+                        drop_last=True, collate_fn=fast_collate if prefetch else None)
 
 
 def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
@@ -489,9 +505,8 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
             return torch.utils.data.DataLoader(_NoImages(), batch_size=batch_size)
     else:
         sampler = ShardSampler(len(dataset), dist_info.rank, dist_info.world_size)
-    loader = torch.utils.data.DataLoader(measured(dataset), batch_size=batch_size, sampler=sampler,
-                                         collate_fn=fast_collate if prefetch else None,
-                                         **_worker_options(workers, pin_mem, dist_info.device))
+    loader = _data_loader(measured(dataset), workers, pin_mem, dist_info.device, batch_size=batch_size,
+                          sampler=sampler, collate_fn=fast_collate if prefetch else None)
     if prefetch:
         loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'], device=dist_info.device)
     return loader

@@ -84,6 +84,38 @@ def test_a_signal_to_the_command_line_saves_and_exits_128_plus_it(data_dir, tmp_
     assert position >= (1, 1)
 
 
+KEEPS_A_LOADER = """
+import os, signal, sys, time
+import torch
+from mixpro.data import _data_loader
+
+if __name__ == '__main__':
+    dataset = torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8), torch.arange(64))
+    loader = _data_loader(dataset, 2, False, torch.device('cpu'), batch_size=8)
+    batches = iter(loader)
+    next(batches)
+    if sys.argv[1] == 'ctrl-c':     # a terminal's Ctrl-C reaches the workers and their forkserver too
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize('how,statuses', [('exit', (0,)), ('ctrl-c', (-signal.SIGINT, 128 + signal.SIGINT))])
+def test_a_script_holding_a_loader_with_workers_exits(tmp_path, how, statuses):
+    """The workers ignore SIGTERM and SIGINT, which is how the interpreter's exit ends daemon children."""
+    script = tmp_path / 'keeps_a_loader.py'
+    script.write_text(KEEPS_A_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script), how], cwd=REPO, start_new_session=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail('the process did not exit: its data-loading workers kept it waiting')
+    assert proc.returncode in statuses, out   # Ctrl-C: KeyboardInterrupt ends Python by SIGINT
+
+
 # ---- 3. non-finite loss -------------------------------------------------------------------------
 def nan_loss_at(monkeypatch, step: int) -> None:
     """The training loss of the ``step``-th step (counted over epochs, from 1) becomes NaN."""
