@@ -105,9 +105,13 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
 
 
 def _looks_like_torch_save(path: Path) -> bool:
-    """torch.save writes a zip archive (a pickle in the legacy format, which starts with protocol 2)."""
-    with open(path, 'rb') as f:
-        head = f.read(2)
+    """torch.save writes a zip archive (a pickle in the legacy format, which starts with protocol 2); a file
+    that cannot be opened keeps torch's own reason (permission denied, I/O error)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(2)
+    except OSError:
+        return True
     return head in (b'PK', b'\x80\x02')
 
 

@@ -40,7 +40,7 @@ class KeyValueAction(argparse.Action):
 
 
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming')   # timm's, by name
-SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant', 'rsqrt')   # create_scheduler_v2
+SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'constant', 'rsqrt', 'wsd')   # timm's
 
 
 def _float_or_none(text: str) -> Optional[float]:

@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass (DESIGN §3: mix -> forward -> relabel -> step)."""
+"""One training epoch and one evaluation pass: mix -> forward -> relabel -> step."""
 import math
 import time
 from contextlib import nullcontext

@@ -63,7 +63,10 @@ def timm_pretrained_weights(model_name: str,
     """timm's published weights for ``model_name`` and their name. timm builds its default architecture
     (its image size and class count), so its own loader and conversions apply; fit_weights() then adapts
     them to this run's model like any other file."""
-    if not os.environ.get('HF_HUB_OFFLINE') and not _in_hub_cache(model_name):
+    hub_id = getattr(timm.models.get_pretrained_cfg(model_name), 'hf_hub_id', None) if \
+        timm.models.is_model(model_name) else None
+    offline = os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')   # as huggingface_hub
+    if hub_id and not offline and not _in_hub_cache(hub_id):
         print(f"note: --pretrained: fetching timm's weights for {model_name} from the Hugging Face Hub; "
               f'without network this waits for its retries (HF_HUB_OFFLINE=1 fails at once)', flush=True)
     try:
@@ -78,14 +81,13 @@ def timm_pretrained_weights(model_name: str,
     return source.state_dict(), name
 
 
-def _in_hub_cache(model_name: str) -> bool:
-    """Whether timm's Hugging Face Hub weights for ``model_name`` are in the local cache already."""
+def _in_hub_cache(hub_id: str) -> bool:
+    """Whether the Hugging Face Hub weights ``hub_id`` are in the local cache already."""
     try:
         from huggingface_hub import try_to_load_from_cache
-        hub_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id
-        return bool(hub_id) and any(isinstance(try_to_load_from_cache(hub_id, name), str)
-                                    for name in ('model.safetensors', 'pytorch_model.bin'))
-    except Exception:   # an unknown model or no huggingface_hub: timm's own error follows
+        return any(isinstance(try_to_load_from_cache(hub_id, name), str)
+                   for name in ('model.safetensors', 'pytorch_model.bin'))
+    except Exception:   # no huggingface_hub, or an id it refuses: timm's own error follows
         return False
 
 

@@ -4,6 +4,7 @@ import datetime
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -147,7 +148,20 @@ def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[
     if notes:   # checkpoints exist but none loads: never start over on top of them
         raise RunError(f'--resume auto: no checkpoint in {run_dir} can be read ({"; ".join(notes)}); fix or move '
                        f'them, or start afresh in another folder (--experiment)')
+    source = _first_source(run_dir)
+    if source:   # a first start from another folder's checkpoint, stopped (requeued) before it saved here
+        return source, [f'{run_dir} holds no checkpoint yet: continuing from {source}, which its first start '
+                        f'resumed from (run_info.yaml)']
     return None, notes
+
+
+def _first_source(run_dir: Path) -> Optional[Path]:
+    """The checkpoint the run's first start resumed from (another folder's), where run_info.yaml says so."""
+    try:
+        info = yaml.safe_load((run_dir / 'run_info.yaml').read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return Path(info['from']) if isinstance(info, dict) and info.get('from') else None
 
 
 def in_folder(path: Optional[Path], run_dir: Path) -> bool:
@@ -175,12 +189,15 @@ def set_aside_later_states(run_dir: Path, resumed: Path) -> List[str]:
             continue   # unreadable: tidy() and the resume choice deal with it as before
     if not later:
         return []
-    aside = Path(run_dir) / f"abandoned-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    aside = Path(run_dir) / f"abandoned-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
     aside.mkdir()
     for path in later:
         path.rename(aside / path.name)
+    summary = Path(run_dir) / 'summary.csv'
+    if summary.exists():   # its rows of the abandoned epochs are cut when the run goes on
+        shutil.copy2(summary, aside / summary.name)
     return [f'resuming from {resumed.name}: moved the later checkpoints {", ".join(p.name for p in later)} '
-            f'to {aside.name}/ (nothing deleted)']
+            f'to {aside.name}/ with a copy of summary.csv (nothing deleted)']
 
 
 def broadcast_path(path: Optional[Path]) -> Optional[Path]:

@@ -262,15 +262,14 @@ def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> 
         if args.resume in (None, '', 'none') and any(run_dir.glob('*.pth.tar')):
             raise ConfigError(f'--resume none, but {run_dir} holds the checkpoints of an earlier run: give this '
                               f'run its own --experiment (or delete them to start this one afresh)')
-        if path and rolls_back(args, run_dir):
-            notes += set_aside_later_states(run_dir, path)
         for line in ([note] if note else []) + notes:
             print(f'note: {line}', flush=True)
     return broadcast_path(path)
 
 
-def check_image_geometry(args, image_size: int, token_size: int) -> None:
-    """Sizes that would make the attention labels or MaskMix silently wrong, refused before training."""
+def check_image_geometry(args, image_size: int, token_size: int) -> Optional[str]:
+    """Sizes that would make the attention labels or MaskMix silently wrong, refused before training; a note
+    where the model alone would not see every pixel."""
     if args.mix_method in NEEDS_ATTENTION and image_size % token_size:
         raise ConfigError(f'image size {image_size} px is not a multiple of the {token_size}-px tokens the '
                           f'attention labels are read on: choose --img-size {image_size // token_size * token_size} '
@@ -279,6 +278,10 @@ def check_image_geometry(args, image_size: int, token_size: int) -> None:
         raise ConfigError(f'--mask-cell {args.mask_cell} covers the whole {image_size}-px image, so MaskMix '
                           f'would never mix: use a cell of at most {image_size // 2} px (a multiple of '
                           f'{token_size})')
+    if image_size % token_size:
+        return (f'image size {image_size} px is not a multiple of the model\'s {token_size}-px tokens: the last '
+                f'{image_size % token_size} px of each side are not seen')
+    return None
 
 
 def training_state(args, epoch, model, optimizer, scheduler, scaler, ema, rank_states, resume_at,
@@ -445,9 +448,12 @@ def run(args) -> dict:
         except ValueError as err:
             raise ConfigError(f'mix_method {args.mix_method}: {err}') from err
         token_size = probe.token_size if probe else label_token_size(model)
-        check_image_geometry(args, data_config['input_size'][-1], token_size)
+        geometry_note = check_image_geometry(args, data_config['input_size'][-1], token_size)
+        if geometry_note and primary:
+            print(f'note: {geometry_note}', flush=True)
         mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
-        if args.wandb_project and not args.log_wandb and primary:
+        # ('mixpro', the old default, is in the config.yaml of runs of earlier versions)
+        if args.wandb_project not in (None, 'mixpro') and not args.log_wandb and primary:
             print(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb', flush=True)
         if args.compile_mixer and primary and (not mixer.uses_maskmix or
                                                (device.type == 'cpu' and args.mix_method == 'maskmix')):
@@ -508,6 +514,9 @@ def run(args) -> dict:
 
         keeper = None
         if primary:
+            if state and rolls_back(args, run_dir):   # once the checkpoint is accepted, before the log is cut
+                for note in set_aside_later_states(run_dir, checkpoint_path):
+                    print(f'note: {note}', flush=True)
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
             # another folder's checkpoint ranks that folder's files: this folder's best-k starts afresh

@@ -178,7 +178,8 @@ def _cell(row):
 
 
 # what makes a run folder the Table-1 run of its recipe (a debug run or an --experiment typo is not)
-RECIPE_KEYS = (('model', 'model'), ('mix_method', 'method'), ('epochs', 'epochs'), ('img_size', 'image size'))
+RECIPE_KEYS = (('model', 'model'), ('mix_method', 'method'), ('epochs', 'epochs'), ('img_size', 'image size'),
+               ('model_kwargs', 'model_kwargs'), ('dataset', 'dataset'))   # e.g. a depth-cut debug run
 
 
 def recipe_mismatch(run_dir: Path, run: str) -> str:
@@ -189,8 +190,8 @@ def recipe_mismatch(run_dir: Path, run: str) -> str:
     except Exception:   # compare_runs notes a missing or unreadable config.yaml itself
         return ''
     recipe = vars(recipe_args(f'configs/{run}.yaml', check_machine=False))
-    differences = [f'{label} {config[key]} (recipe: {recipe[key]})' for key, label in RECIPE_KEYS
-                   if key in config and config[key] != recipe[key]]
+    differences = [f'{label} {config[key]} (recipe: {recipe[key] or "none"})' for key, label in RECIPE_KEYS
+                   if key in config and (config[key] or None) != (recipe[key] or None)]   # '', {}, None alike
     if config.get('num_classes') not in (None, 1000):
         differences.append(f"{config['num_classes']} classes (ImageNet-1k: 1000)")
     return ', '.join(differences)

@@ -7,6 +7,7 @@ import timm
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+import mixpro.finetune
 import train
 from conftest import make_image_folder, train_args
 from mixpro.config import ConfigError, parse_train_args
@@ -80,6 +81,7 @@ def test_pretrained_without_network_is_one_line_naming_the_model(data_dir, tmp_p
                                       'cannot find the requested files in the local cache.')
     monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_hf', offline)
     monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(mixpro.finetune, '_in_hub_cache', lambda hub_id: False)   # whatever this machine cached
     with pytest.raises(SystemExit) as exc:
         train.main(train_args(data_dir, tmp_path, 'pre', 'mixpro', 1, '--pretrained'))
     message = str(exc.value)

@@ -493,6 +493,12 @@ def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
         train.main(train_args(data_dir, tmp_path, 'bad', 'mixpro', 1, *extra))
 
 
+def test_an_image_size_off_the_token_grid_is_pointed_out_where_it_is_not_refused(data_dir, tmp_path, capsys):
+    train.main(train_args(data_dir, tmp_path, 'off_grid', 'mixup_cutmix', 1, '--img-size', '18'))
+    assert "note: image size 18 px is not a multiple of the model's 4-px tokens: the last 2 px" in \
+        capsys.readouterr().out
+
+
 def test_an_lr_below_min_lr_is_pointed_out(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'low', 'mixup_cutmix', 1, '--lr', '1e-6', '--min-lr', '1e-5'))
     assert 'note: lr 1.000e-06 is below --min-lr 1.000e-05' in capsys.readouterr().out
@@ -578,12 +584,16 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp
     later = {name: _load(run_dir / name)['state_dict'] for name in ('checkpoint-1.pth.tar', 'checkpoint-2.pth.tar',
                                                                    'last.pth.tar')}
     again = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 2, '--checkpoint-hist', '3')
+    with pytest.raises(SystemExit, match='other settings'):                # refused: nothing is moved
+        train.main([*again, '--resume', str(run_dir / 'checkpoint-0.pth.tar'), '--smoothing', '0.2'])
+    assert not list(run_dir.glob('abandoned-*')) and (run_dir / 'checkpoint-2.pth.tar').exists()
     train.main([*again, '--resume', str(run_dir / 'checkpoint-0.pth.tar')])   # redo epoch 1 only
     assert 'moved the later checkpoints' in capsys.readouterr().out
     (aside,) = run_dir.glob('abandoned-*')                                   # nothing deleted
     for name, weights in later.items():
         kept = _load(aside / name)['state_dict']
         assert all(torch.equal(weights[k], kept[k]) for k in weights)
+    assert [row['epoch'] for row in read_summary(aside)] == ['0', '1', '2']   # the abandoned epochs' log too
     assert sorted(p.name for p in run_dir.glob('checkpoint-*.pth.tar')) == ['checkpoint-0.pth.tar',
                                                                             'checkpoint-1.pth.tar']
     assert _load(run_dir / 'model_best.pth.tar')['epoch'] in (0, 1)          # not the abandoned epoch 2
@@ -591,11 +601,17 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp
     assert train.main(again)['epoch'] == 1      # --resume auto goes on from the new history, not epoch 2
 
 
-def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(data_dir, tmp_path):
+def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(data_dir, tmp_path, monkeypatch,
+                                                                              capsys):
     train.main(train_args(data_dir, tmp_path, 'first', 'mixup_cutmix', 2))
     source = tmp_path / 'first' / 'last.pth.tar'
     args = train_args(data_dir, tmp_path, 'second', 'mixup_cutmix', 3)
-    train.main([*args, '--resume', str(source)])
+    nan_loss_at(monkeypatch, 1)       # the first start stops before it saves anything here (as if preempted)
+    with pytest.raises(SystemExit):
+        train.main([*args, '--resume', str(source)])
+    monkeypatch.undo()
+    train.main(args)   # a requeued start (--resume auto) goes on from where the first start resumed from
+    assert 'holds no checkpoint yet: continuing from' in capsys.readouterr().out
     run_dir = tmp_path / 'second'
     last = _load(run_dir / 'last.pth.tar')
     assert [epoch for _, epoch in last['checkpoint_ranking']] == [2]       # not the first folder's epochs

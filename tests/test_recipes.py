@@ -14,7 +14,7 @@ from mixpro.training import resolve_lr
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
-MODELS = {   # file prefix -> timm / repo model name (DESIGN.md section 5)
+MODELS = {   # file prefix -> timm / repo model name (README, "Table 1")
     'deit_t': 'deit_tiny_patch16_224', 'deit_s': 'deit_small_patch16_224', 'deit_b': 'deit_base_patch16_224',
     'pvt_t': 'pvt_tiny', 'pvt_s': 'pvt_small', 'pvt_m': 'pvt_medium', 'pvt_l': 'pvt_large',
     'xcit_t': 'xcit_tiny_24_p16_224', 'xcit_s': 'xcit_small_12_p16_224',
@@ -61,7 +61,7 @@ def _resolve(path: str) -> tuple:
 
 
 def token_size(prefix: str) -> int:
-    """Side in pixels of one token of the attention grid used for labels (DESIGN.md sections 4-5)."""
+    """Side in pixels of one token of the attention grid used for labels (README, "The algorithms, as implemented")."""
     return 32 if prefix.startswith(('pvt_', 'ca_swin_')) else 16
 
 
