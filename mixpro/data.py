@@ -145,7 +145,8 @@ def named_dataset(name: str, data_dir: str, split: str, is_training: bool, downl
     try:
         dataset = create_dataset(name, root=data_dir, split=split, is_training=is_training, download=download)
     except (AssertionError, RuntimeError, OSError, ValueError) as err:
-        hint = '' if download or prefix != 'torch' else ' (--dataset-download fetches it into --data-dir)'
+        unknown = 'Unknown torchvision dataset' in str(err)   # no download can help: the name is wrong
+        hint = '' if download or prefix != 'torch' or unknown else ' (--dataset-download fetches it into --data-dir)'
         raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {_first_line(err)}{hint}') from err
     if len(dataset) == 0:
         raise ConfigError(f'--dataset {name} ({split}) under {data_dir} holds no images')

@@ -158,7 +158,9 @@ def main(argv=None):
         sheet.save(args.output)
     except OSError as err:
         sys.exit(f'error: --output {args.output} cannot be written: {err}')
-    print(f'wrote {args.output}: {args.pairs} pairs of {Path(args.data_dir or train_args.data_dir) / args.split}')
+    dataset = getattr(train_args, 'dataset', '')
+    source = f'{dataset}:{args.split}' if dataset else Path(args.data_dir or train_args.data_dir) / args.split
+    print(f'wrote {args.output}: {args.pairs} pairs of {source}')
     return sheet
 
 
