@@ -187,7 +187,7 @@ class CheckpointKeeper:
                 kept.append((value, epoch))
             else:
                 notes.append(f'epoch {epoch} ({self.metric} {value:.4g}) left the best-k ranking: '
-                             f'{self.path(epoch).name} was never written')
+                             f'{self.path(epoch).name} is not in the run folder')
         self.ranking = kept
         ranked = {self.path(epoch).name for _, epoch in kept}
         for path in self.run_dir.glob('checkpoint-*.pth.tar'):
