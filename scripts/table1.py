@@ -13,8 +13,10 @@ numbers: reproduced top-1 (final and best, EMA best noted), the difference to th
 runs are missing or unfinished.
 """
 import argparse
+import contextlib
 import csv
 import importlib.util
+import io
 import shlex
 import sys
 from pathlib import Path
@@ -125,15 +127,16 @@ def check_train_options(configs: list, options: list) -> None:
     if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
         sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (each run is its recipe, in the '
                  f'folder named after it; --data-dir and --output are options of plan itself, before --)')
-    config = configs[0]
+    usage = io.StringIO()   # argparse's refusal: train.py's whole usage, then the reason on the last line
     try:
         for config in configs:   # recipes differ (e.g. PVT and CA-Swin train without an EMA)
-            parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
+            with contextlib.redirect_stderr(usage):
+                parse_train_args(['--config', str(REPO / config), *options], check_machine=False)
     except ConfigError as err:
         sys.exit(f'error: the train.py options after -- ({given}) are refused with {config}: {err}')
-    except SystemExit as err:   # argparse has printed train.py's usage and the reason above
-        sys.exit(f'error: the train.py options after -- ({given}) are refused'
-                 + (': see the message above' if err.code else ''))
+    except SystemExit:
+        reason = (usage.getvalue().strip().splitlines() or ['refused'])[-1].split('error: ', 1)[-1]
+        sys.exit(f'error: the train.py options after -- ({given}) are refused: {reason}')
 
 
 def plan(args) -> list:

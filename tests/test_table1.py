@@ -62,7 +62,7 @@ def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_pa
     for refused, message in ((['--compile-mixer', 'nope'], 'is not a torch.compile backend'),
                              (['--experiment', 'all'], 'set by the plan for each run'),
                              (['--output=/elsewhere'], 'set by the plan for each run'),
-                             (['--epochs', 'abc'], 'refused: see the message above'),
+                             (['--epochs', 'abc'], "refused: argument --epochs: invalid int value: 'abc'$"),
                              # fine for DeiT, refused for the recipes without an EMA (PVT, CA-Swin)
                              (['--eval-metric', 'ema_top1'], r'refused with configs/(pvt|ca_swin)_.*needs --model-ema')):
         with pytest.raises(SystemExit, match=message):
