@@ -22,7 +22,7 @@ import multiprocessing.util  # noqa: F401  (its exit hook, registered before our
 import os
 import random
 import signal
-import weakref
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -353,9 +353,18 @@ def _seeded(seed: int):
 def _ignore_stop_signals(_worker_id: int) -> None:
     """Data-loading workers ignore the stop signals (a cluster sends them to every process of the job):
     the training process decides when to stop and ends its workers itself; a worker killed by one would
-    crash the run instead."""
+    crash the run instead. So that a worker does not outlive a training process killed outright (SIGKILL,
+    a crash), it exits when that process is gone (torch's own watchdog watches the forkserver instead)."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    trainer = multiprocessing.parent_process()
+    if trainer is not None:
+        threading.Thread(target=_exit_after, args=(trainer,), daemon=True).start()
+
+
+def _exit_after(process) -> None:
+    process.join()
+    os._exit(0)
 
 
 def stop_workers(*loaders) -> None:
@@ -385,21 +394,23 @@ def _worker_options(workers: int, pin_memory: bool, device) -> dict:
 
 
 def _data_loader(dataset, workers: int, pin_memory: bool, device, **options) -> torch.utils.data.DataLoader:
-    """A DataLoader with this module's worker settings, whose workers are ended when the process exits."""
-    loader = torch.utils.data.DataLoader(dataset, **options, **_worker_options(workers, pin_memory, device))
-    if workers > 0:
-        _WITH_WORKERS.add(loader)
-    return loader
+    """A DataLoader with this module's worker settings."""
+    return torch.utils.data.DataLoader(dataset, **options, **_worker_options(workers, pin_memory, device))
 
 
-# The workers ignore SIGTERM and SIGINT, so the interpreter's exit, which sends its daemon children SIGTERM
-# and joins them, would wait forever on the workers of a loader still alive then (a script that keeps one
-# in a variable, or one stopped by Ctrl-C). This hook ends them first: atexit runs the hooks registered
-# last first, and multiprocessing registered its own when it was imported above.
-_WITH_WORKERS = weakref.WeakSet()
-atexit.register(lambda: stop_workers(*list(_WITH_WORKERS)))
+def _kill_workers_at_exit() -> None:
+    """The workers ignore SIGTERM and SIGINT, so the interpreter's exit, which sends its daemon children
+    SIGTERM and joins them, would wait forever on workers still running then (a script holding a loader or
+    its iterator, a run stopped by Ctrl-C, a worker stuck on a file system). atexit runs the hooks
+    registered last first, and multiprocessing registered its own when it was first imported."""
+    for child in multiprocessing.active_children():
+        if isinstance(child, _FORKSERVER.Process):   # only the loaders' workers start from the forkserver
+            child.kill()
+            child.join(timeout=5)
+
 
 _FORKSERVER = multiprocessing.get_context('forkserver')
+atexit.register(_kill_workers_at_exit)
 _FORKSERVER.set_forkserver_preload(['mixpro.data'])   # torch and timm imported once, in the server
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)   # StopRequest.SIGNALS (a Ctrl-C reaches all)
 

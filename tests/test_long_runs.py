@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,12 +92,14 @@ from mixpro.data import _data_loader
 
 if __name__ == '__main__':
     dataset = torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8), torch.arange(64))
-    loader = _data_loader(dataset, 2, False, torch.device('cpu'), batch_size=8)
-    batches = iter(loader)
+    batches = iter(_data_loader(dataset, 2, False, torch.device('cpu'), batch_size=8))   # the iterator only
     next(batches)
     if sys.argv[1] == 'ctrl-c':     # a terminal's Ctrl-C reaches the workers and their forkserver too
         os.killpg(os.getpgrp(), signal.SIGINT)
         time.sleep(5)
+    if sys.argv[1] == 'killed':     # the test kills this process outright
+        print(' '.join(str(w.pid) for w in batches._workers), flush=True)
+        time.sleep(60)
 """
 
 
@@ -114,6 +117,32 @@ def test_a_script_holding_a_loader_with_workers_exits(tmp_path, how, statuses):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail('the process did not exit: its data-loading workers kept it waiting')
     assert proc.returncode in statuses, out   # Ctrl-C: KeyboardInterrupt ends Python by SIGINT
+
+
+def test_loader_workers_end_with_a_training_process_killed_outright(tmp_path):
+    script = tmp_path / 'keeps_a_loader.py'
+    script.write_text(KEEPS_A_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script), 'killed'], cwd=REPO, start_new_session=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)}, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.kill()                                     # SIGKILL: no exit hook runs
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, 'data-loading workers outlived the killed training process'
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 # ---- 3. non-finite loss -------------------------------------------------------------------------
