@@ -148,20 +148,28 @@ def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[
     if notes:   # checkpoints exist but none loads: never start over on top of them
         raise RunError(f'--resume auto: no checkpoint in {run_dir} can be read ({"; ".join(notes)}); fix or move '
                        f'them, or start afresh in another folder (--experiment)')
-    source = _first_source(run_dir)
-    if source:   # a first start from another folder's checkpoint, stopped (requeued) before it saved here
-        return source, [f'{run_dir} holds no checkpoint yet: continuing from {source}, which its first start '
+    source = _outside_source(run_dir)
+    if source:   # a start from another folder's checkpoint, stopped (requeued) before it saved here
+        if not source.is_file():
+            raise RunError(f'--resume auto: {run_dir} holds no checkpoint, and {source}, which an earlier start '
+                           f'resumed from (run_info.yaml), is gone: give --resume PATH, or --resume none to '
+                           f'start afresh')
+        return source, [f'{run_dir} holds no checkpoint yet: continuing from {source}, which an earlier start '
                         f'resumed from (run_info.yaml)']
     return None, notes
 
 
-def _first_source(run_dir: Path) -> Optional[Path]:
-    """The checkpoint the run's first start resumed from (another folder's), where run_info.yaml says so."""
+def _outside_source(run_dir: Path) -> Optional[Path]:
+    """The other folder's checkpoint the newest start of this run resumed from, as run_info.yaml records it
+    (None where that start began afresh or resumed from this folder)."""
     try:
         info = yaml.safe_load((run_dir / 'run_info.yaml').read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return Path(info['from']) if isinstance(info, dict) and info.get('from') else None
+    if not isinstance(info, dict):
+        return None
+    source = ((info.get('resumes') or [{}])[-1] if info.get('resumes') else info).get('from')
+    return Path(source) if source and not in_folder(Path(source), run_dir) else None
 
 
 def in_folder(path: Optional[Path], run_dir: Path) -> bool:
@@ -235,7 +243,7 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
     info_path = run_dir / 'run_info.yaml'
     info = yaml.safe_load(info_path.read_text()) if (resumed_from and info_path.exists()) else None
     if isinstance(info, dict):
-        info.setdefault('resumes', []).append({**start, 'from': str(resumed_from)})
+        info.setdefault('resumes', []).append({**start, 'from': str(Path(resumed_from).resolve())})
     else:   # a first start may continue another folder's checkpoint
-        info = {**start, **({'from': str(resumed_from)} if resumed_from else {})}
+        info = {**start, **({'from': str(Path(resumed_from).resolve())} if resumed_from else {})}
     atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))

@@ -1,4 +1,5 @@
 """A whole training run: build everything from the options, then epoch after epoch."""
+import argparse
 import math
 import random
 import re
@@ -83,6 +84,13 @@ def share_bn_statistics(models, args, dist_info: DistInfo) -> None:
     if dist_info.distributed and args.dist_bn != 'none':
         for model in models:
             distribute_bn(model, dist_info.world_size, reduce=args.dist_bn == 'reduce')
+
+
+def patch_stride(model) -> Optional[int]:
+    """The pixel stride of a model's top-level patch embedding (ViT-like models), None where there is none."""
+    size = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return size if isinstance(size, int) else None
 
 
 def label_token_size(model) -> int:
@@ -262,12 +270,19 @@ def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> 
         if args.resume in (None, '', 'none') and any(run_dir.glob('*.pth.tar')):
             raise ConfigError(f'--resume none, but {run_dir} holds the checkpoints of an earlier run: give this '
                               f'run its own --experiment (or delete them to start this one afresh)')
+        if path and rolls_back(args, run_dir):
+            # set the later epochs aside before the long start-up (a preemption during it would otherwise
+            # let the requeued --resume auto go on from them), once the checkpoint is this run's (options
+            # resolved later, such as num_classes, are checked after the data is read)
+            known = argparse.Namespace(**{k: v for k, v in vars(args).items() if v is not None})
+            check_same_run(load_checkpoint(path, mmap=True).get('args', {}), known, path)
+            notes += set_aside_later_states(run_dir, path)
         for line in ([note] if note else []) + notes:
             print(f'note: {line}', flush=True)
     return broadcast_path(path)
 
 
-def check_image_geometry(args, image_size: int, token_size: int) -> Optional[str]:
+def check_image_geometry(args, image_size: int, token_size: int, patch_stride: Optional[int] = None) -> Optional[str]:
     """Sizes that would make the attention labels or MaskMix silently wrong, refused before training; a note
     where the model alone would not see every pixel."""
     if args.mix_method in NEEDS_ATTENTION and image_size % token_size:
@@ -278,9 +293,9 @@ def check_image_geometry(args, image_size: int, token_size: int) -> Optional[str
         raise ConfigError(f'--mask-cell {args.mask_cell} covers the whole {image_size}-px image, so MaskMix '
                           f'would never mix: use a cell of at most {image_size // 2} px (a multiple of '
                           f'{token_size})')
-    if image_size % token_size:
-        return (f'image size {image_size} px is not a multiple of the model\'s {token_size}-px tokens: the last '
-                f'{image_size % token_size} px of each side are not seen')
+    if image_size % token_size and token_size == patch_stride:   # (a hierarchical model may pad instead)
+        return (f'image size {image_size} px is not a multiple of the model\'s {token_size}-px patches: the '
+                f'last {image_size % token_size} px of the right and bottom edges are not seen')
     return None
 
 
@@ -448,7 +463,7 @@ def run(args) -> dict:
         except ValueError as err:
             raise ConfigError(f'mix_method {args.mix_method}: {err}') from err
         token_size = probe.token_size if probe else label_token_size(model)
-        geometry_note = check_image_geometry(args, data_config['input_size'][-1], token_size)
+        geometry_note = check_image_geometry(args, data_config['input_size'][-1], token_size, patch_stride(model))
         if geometry_note and primary:
             print(f'note: {geometry_note}', flush=True)
         mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
@@ -474,12 +489,15 @@ def run(args) -> dict:
         lower_is_better = args.eval_metric.endswith('loss')   # --eval-metric: a loss ranks lowest first
         # the engine calls step_update() after every optimizer update and step(epoch) at each epoch's end:
         # a per-update schedule (--sched-on-updates) moves on the first, a per-epoch one on the second
-        scheduler, num_epochs = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-            step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch,
-            plateau_mode='min' if lower_is_better else 'max')
+        try:
+            scheduler, num_epochs = create_scheduler_v2(
+                optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+                decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
+                warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+                step_on_epochs=not args.sched_on_updates, updates_per_epoch=per_epoch,
+                plateau_mode='min' if lower_is_better else 'max')
+        except ValueError as err:   # e.g. wsd / rsqrt: --decay-epochs is the decay phase, longer than the run
+            raise ConfigError(f'--sched {args.sched}: {err} (--decay-epochs, --epochs, --warmup-epochs)') from err
 
         state = restore_training_state(checkpoint_path, args, model, optimizer, scheduler, scaler)
         if state.get('class_to_idx') and state['class_to_idx'] != class_to_idx:
@@ -514,9 +532,6 @@ def run(args) -> dict:
 
         keeper = None
         if primary:
-            if state and rolls_back(args, run_dir):   # once the checkpoint is accepted, before the log is cut
-                for note in set_aside_later_states(run_dir, checkpoint_path):
-                    print(f'note: {note}', flush=True)
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = RunLogger(run_dir, start_epoch, wandb=wandb_settings(args) if args.log_wandb else None)
             # another folder's checkpoint ranks that folder's files: this folder's best-k starts afresh

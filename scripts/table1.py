@@ -182,7 +182,7 @@ def _cell(row):
 
 # what makes a run folder the Table-1 run of its recipe (a debug run or an --experiment typo is not)
 RECIPE_KEYS = (('model', 'model'), ('mix_method', 'method'), ('epochs', 'epochs'), ('img_size', 'image size'),
-               ('model_kwargs', 'model_kwargs'), ('dataset', 'dataset'))   # e.g. a depth-cut debug run
+               ('model_kwargs', 'model_kwargs'))   # e.g. a depth-cut debug run (ImageNet may come as wds/ shards)
 
 
 def recipe_mismatch(run_dir: Path, run: str) -> str:

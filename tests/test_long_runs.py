@@ -516,6 +516,7 @@ def test_validate_uses_the_checkpoint_precision_unless_told(data_dir, tmp_path, 
     (['--img-size', '18', '--mask-cell', '4'], 'image size 18 px is not a multiple of the 4-px tokens'),
     (['--batch-size', '64'], 'has 36 images, fewer than one batch of 64'),
     (['--num-classes', '2'], '--num-classes 2: the training data has labels up to 2 (3 classes)'),
+    (['--sched', 'wsd'], '--sched wsd: wsd schedule requires 0 < decay_epochs'),   # 90 decay epochs in 1
 ])
 def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message.replace('(', r'\(').replace(')', r'\)')):
@@ -524,7 +525,7 @@ def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, message):
 
 def test_an_image_size_off_the_token_grid_is_pointed_out_where_it_is_not_refused(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'off_grid', 'mixup_cutmix', 1, '--img-size', '18'))
-    assert "note: image size 18 px is not a multiple of the model's 4-px tokens: the last 2 px" in \
+    assert "note: image size 18 px is not a multiple of the model's 4-px patches: the last 2 px" in \
         capsys.readouterr().out
 
 
@@ -645,7 +646,7 @@ def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(d
     last = _load(run_dir / 'last.pth.tar')
     assert [epoch for _, epoch in last['checkpoint_ranking']] == [2]       # not the first folder's epochs
     assert _load(run_dir / 'model_best.pth.tar')['epoch'] == 2
-    assert yaml.safe_load((run_dir / 'run_info.yaml').read_text())['from'] == str(source)
+    assert yaml.safe_load((run_dir / 'run_info.yaml').read_text())['from'] == str(source.resolve())
     assert yaml.safe_load((run_dir / 'config.yaml').read_text())['resume'] == 'auto'
     # relaunched from its config.yaml, the run goes on from its own folder (finished), not again from `first`
     written = (run_dir / 'last.pth.tar').stat().st_mtime_ns

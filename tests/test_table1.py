@@ -120,10 +120,10 @@ def test_report_shows_no_numbers_for_a_folder_that_is_not_its_recipes_run(tmp_pa
     fake_run(tmp_path, 'deit_s_mixpro', [81.0], model='deit_tiny_patch16_224')
     fake_run(tmp_path, 'deit_b_mixpro', [82.0], model_kwargs={})                  # {} is the recipe's None
     fake_run(tmp_path, 'pvt_t_mixpro', [75.0], model_kwargs={'depths': [1, 1, 1, 1]})   # a depth-cut debug run
-    fake_run(tmp_path, 'pvt_s_mixpro', [80.0], dataset='torch/cifar10')
+    fake_run(tmp_path, 'pvt_s_mixpro', [80.0], dataset='wds/imagenet')      # ImageNet read from shards: fine
     rows = {r['run']: r for r in table1.main(['report', '--runs', str(tmp_path)])}
     assert rows['pvt_t_mixpro']['status'] == "not the recipe: model_kwargs {'depths': [1, 1, 1, 1]} (recipe: none)"
-    assert rows['pvt_s_mixpro']['status'] == 'not the recipe: dataset torch/cifar10 (recipe: none)'
+    assert rows['pvt_s_mixpro']['status'] == 'done' and rows['pvt_s_mixpro']['final_top1'] == 80.0
     debug = rows['deit_t_transmix']
     assert debug['final_top1'] is None and debug['delta_final'] is None and debug['best_top1'] is None
     assert debug['status'] == ('not the recipe: method mixpro (recipe: transmix), epochs 2 (recipe: 300), '
