@@ -186,7 +186,7 @@ def rolls_back(args, run_dir: Path) -> bool:
 def set_aside_later_states(run_dir: Path, resumed: Path) -> List[str]:
     """Move the run folder's checkpoints of epochs after ``resumed`` into ``abandoned-<time>/``: left in
     place, ``last`` would send the next ``--resume auto`` back to the abandoned epochs and ``model_best``
-    would name one of them until the new history beat it. Returns one note per file moved."""
+    would name one of them until the new history beat it. Returns a note naming what moved."""
     position = resume_position(load_checkpoint(resumed, mmap=True))
     later = []
     for path in sorted(Path(run_dir).glob('*.pth.tar')):
