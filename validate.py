@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mixpro.checkpoint import CheckpointError
 from mixpro.config import (INTERPOLATIONS, ConfigError, KeyValueAction, check_compile_backends, check_device,
-                           check_input_channels)
+                           check_input_channels, check_value)
 from mixpro.real_labels import TIMM_REAL_LABELS
 from mixpro.robustness import check_occlusion_options
 from mixpro.validation import run
@@ -92,8 +92,7 @@ def parse_args(argv=None):
     check_occlusion_options(args.occlusion or [], args.occlusion_patch)
     check_input_channels(args.model_kwargs)
     check_compile_backends({'--torchcompile': args.torchcompile})
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ConfigError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
+    check_value('crop_pct', args.crop_pct, '--crop-pct')   # train.py's rule
     return args
 
 

@@ -386,13 +386,8 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
                  check_machine: bool = True) -> None:
     """Stop on values that would otherwise fail deep inside torch or timm (or silently do nothing)."""
     options = _options(parser or train_parser())
-    for key, (ok, what) in VALUE_RULES.items():
-        value = getattr(args, key)
-        if value is None and key in _UNSET_OK:
-            continue
-        if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
-            name = key if key in _KEY_NAMED else options[key].option_strings[0]
-            raise ConfigError(f'{name} must be {what}, got {value!r}')
+    for key in VALUE_RULES:
+        check_value(key, getattr(args, key), key if key in _KEY_NAMED else options[key].option_strings[0])
     check_input_channels(args.model_kwargs)
     if args.eval_metric.startswith('ema_') and not args.model_ema:
         raise ConfigError(f'--eval-metric {args.eval_metric} ranks by the EMA weights: it needs --model-ema')
@@ -406,6 +401,15 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
                           "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
+
+
+def check_value(key: str, value, name: str) -> None:
+    """Stop on a ``value`` of option ``key`` (named ``name`` in the message) outside its VALUE_RULES range."""
+    ok, what = VALUE_RULES[key]
+    if value is None and key in _UNSET_OK:
+        return
+    if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f'{name} must be {what}, got {value!r}')
 
 
 def check_input_channels(model_kwargs: dict) -> None:

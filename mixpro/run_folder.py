@@ -168,7 +168,7 @@ def _outside_source(run_dir: Path) -> Optional[Path]:
         return None
     if not isinstance(info, dict):
         return None
-    source = ((info.get('resumes') or [{}])[-1] if info.get('resumes') else info).get('from')
+    source = (info.get('resumes') or [info])[-1].get('from')   # the newest start's record
     return Path(source) if source and not in_folder(Path(source), run_dir) else None
 
 
@@ -240,10 +240,12 @@ def save_run_info(run_dir: Path, args, world_size: int, resumed_from: Optional[P
     start = {'command': ' '.join(sys.argv), 'git_commit': git_commit(), 'world_size': world_size,
              'torch': str(torch.__version__), 'timm': timm.__version__,
              'time': datetime.datetime.now().isoformat(timespec='seconds')}
+    if resumed_from:
+        start['from'] = str(Path(resumed_from).resolve())
     info_path = run_dir / 'run_info.yaml'
     info = yaml.safe_load(info_path.read_text()) if (resumed_from and info_path.exists()) else None
     if isinstance(info, dict):
-        info.setdefault('resumes', []).append({**start, 'from': str(Path(resumed_from).resolve())})
-    else:   # a first start may continue another folder's checkpoint
-        info = {**start, **({'from': str(Path(resumed_from).resolve())} if resumed_from else {})}
+        info.setdefault('resumes', []).append(start)
+    else:   # a first start (which may continue another folder's checkpoint)
+        info = start
     atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))

@@ -32,6 +32,7 @@ from .run_folder import (RunLock, StopRequest, broadcast_path, choose_resume_che
                          save_run_info, set_aside_later_states)
 
 NEEDS_ATTENTION = ('transmix', 'mixpro')
+DEFAULT_WANDB_PROJECT = 'mixpro'
 
 
 def build_model(args, num_classes: int):
@@ -282,7 +283,7 @@ def open_run_folder(run_dir: Path, args, dist_info: DistInfo, lock: RunLock) -> 
     return broadcast_path(path)
 
 
-def check_image_geometry(args, image_size: int, token_size: int, patch_stride: Optional[int] = None) -> Optional[str]:
+def check_image_geometry(args, image_size: int, token_size: int, stride: Optional[int] = None) -> Optional[str]:
     """Sizes that would make the attention labels or MaskMix silently wrong, refused before training; a note
     where the model alone would not see every pixel."""
     if args.mix_method in NEEDS_ATTENTION and image_size % token_size:
@@ -293,7 +294,7 @@ def check_image_geometry(args, image_size: int, token_size: int, patch_stride: O
         raise ConfigError(f'--mask-cell {args.mask_cell} covers the whole {image_size}-px image, so MaskMix '
                           f'would never mix: use a cell of at most {image_size // 2} px (a multiple of '
                           f'{token_size})')
-    if image_size % token_size and token_size == patch_stride:   # (a hierarchical model may pad instead)
+    if image_size % token_size and token_size == stride:   # (a hierarchical model may pad instead)
         return (f'image size {image_size} px is not a multiple of the model\'s {token_size}-px patches: the '
                 f'last {image_size % token_size} px of the right and bottom edges are not seen')
     return None
@@ -393,7 +394,7 @@ def wrap_for_training(model, args, dist_info: DistInfo):
 
 def wandb_settings(args) -> dict:
     """``wandb.init`` settings: the run named after its folder, its options as the W&B config."""
-    return {'project': args.wandb_project or 'mixpro', 'name': args.experiment,
+    return {'project': args.wandb_project or DEFAULT_WANDB_PROJECT, 'name': args.experiment,
             'config': {k: v for k, v in vars(args).items() if k != 'config'}}
 
 
@@ -467,8 +468,8 @@ def run(args) -> dict:
         if geometry_note and primary:
             print(f'note: {geometry_note}', flush=True)
         mixer = build_mixer(args, num_classes, token_size, dist_info.rank)
-        # ('mixpro', the old default, is in the config.yaml of runs of earlier versions)
-        if args.wandb_project not in (None, 'mixpro') and not args.log_wandb and primary:
+        # (the default is in the config.yaml of runs of earlier versions, which stored it)
+        if args.wandb_project not in (None, DEFAULT_WANDB_PROJECT) and not args.log_wandb and primary:
             print(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb', flush=True)
         if args.compile_mixer and primary and (not mixer.uses_maskmix or
                                                (device.type == 'cpu' and args.mix_method == 'maskmix')):
