@@ -8,6 +8,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import logging
 import math
 import sys
 from pathlib import Path
@@ -19,12 +20,17 @@ import yaml
 from .mixer import METHODS
 
 
+_logger = logging.getLogger(__name__)
+DEFAULT_WANDB_PROJECT = 'mixpro'
+
+
 class ConfigError(ValueError):
     """A recipe or command line that cannot be run as written."""
 
 
 class KeyValueAction(argparse.Action):
-    """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``."""
+    """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``. Unlike timm's
+    ParseKwargs it adds to a recipe's dict instead of replacing it, and names a pair without '='."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         kwargs = dict(getattr(namespace, self.dest, None) or {})   # merge into the recipe's, not replace
@@ -401,6 +407,13 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
                           "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
+    elif args.wandb_project not in (None, DEFAULT_WANDB_PROJECT):
+        _logger.info(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb')
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if args.compile_mixer and (args.mix_method not in ('maskmix', 'mixpro') or
+                               (device.startswith('cpu') and args.mix_method == 'maskmix')):
+        _logger.info(f"note: --compile-mixer compiles nothing for {args.mix_method} on {device}: it compiles "
+                     f"MaskMix's composition off the CPU and the PAL label of mixpro")
 
 
 def check_value(key: str, value, name: str) -> None:

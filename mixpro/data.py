@@ -13,6 +13,7 @@ their loader workers, an epoch has a known number of steps (``num_samples`` from
 stopped mid-epoch redoes that epoch from its first step, and evaluation deals whole shards to the ranks so
 that every image is counted exactly once.
 """
+import logging
 import atexit
 import dataclasses
 import importlib.util
@@ -43,6 +44,8 @@ from .skipped import measured, name_skipped_files
 
 _IMAGE_EXTENSIONS = get_img_extensions(as_set=True)
 
+_logger = logging.getLogger(__name__)
+
 
 def _split_root(data_dir: str, split: str) -> Path:
     root = Path(data_dir) / split
@@ -69,7 +72,7 @@ def _class_folders(root: Path) -> List[str]:
                           f'{root}/<class>/): fill or remove it')
     stray = sum(1 for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in _IMAGE_EXTENSIONS)
     if stray:
-        print(f'note: {stray} image(s) directly in {root} belong to no class folder and are not used', flush=True)
+        _logger.info(f'note: {stray} image(s) directly in {root} belong to no class folder and are not used')
     return folders
 
 
@@ -85,8 +88,8 @@ def _read_class_map(class_map: str, data_dir: str, root: Path, folders: List[str
                           f'e.g. {missing[0]!r}')
     unused = [name for name in folders if name not in mapping]
     if unused:
-        print(f'note: {len(unused)} class folder(s) of {root} are not in --class-map and are not used, '
-              f'e.g. {unused[0]!r}', flush=True)
+        _logger.info(f'note: {len(unused)} class folder(s) of {root} are not in --class-map and are not used, '
+                     f'e.g. {unused[0]!r}')
     return dict(mapping)
 
 
@@ -104,8 +107,7 @@ def image_folder(data_dir: str, split: str, is_training: bool, class_to_idx: Opt
     else:
         unknown = [name for name in folders if name not in class_to_idx]
         if unknown and class_map:   # a class map may select a subset of the folders: the rest are unused
-            print(f'note: {len(unknown)} class folder(s) of {root} are not in --class-map and are not used',
-                  flush=True)
+            _logger.info(f'note: {len(unknown)} class folder(s) of {root} are not in --class-map and are not used')
         elif unknown and not select:
             raise ConfigError(f'{root} has class folder(s) that the model\'s classes (its training classes, or '
                               f'--class-map) do not have: {", ".join(unknown[:5])}; every {split} class must be '
@@ -232,18 +234,20 @@ def _wds_class_index(where: str, info: dict, class_to_idx, num_classes) -> Dict[
                       f"label order) in the _info file, or give --num-classes")
 
 
-def build_dataset(args, split: str, is_training: bool, class_to_idx: Optional[Dict[str, int]] = None):
-    """``--dataset`` when given, else the ImageFolder under ``--data-dir`` (val with train's class index)."""
-    if args.dataset:
-        if getattr(args, 'class_map', ''):   # timm's other readers label by their own classes
+def build_dataset(data_dir: str, split: str, is_training: bool, *, dataset: str = '', class_map: str = '',
+                  download: bool = False, class_to_idx: Optional[Dict[str, int]] = None,
+                  num_classes: Optional[int] = None, batch_size: int = 1, seed: int = 42):
+    """``dataset`` (a timm dataset name) when given, else the ImageFolder under ``data_dir`` (val with
+    train's class index); ``num_classes``, ``batch_size`` and ``seed`` are for wds/ streams."""
+    if dataset:
+        if class_map:   # timm's other readers label by their own classes
             how = ("by the samples' .cls integers (class names: _info.json's classes)"
-                   if args.dataset.lower().startswith('wds/') else 'by its own classes')
-            raise ConfigError(f'--class-map names ImageFolder class folders; --dataset {args.dataset} is '
+                   if dataset.lower().startswith('wds/') else 'by its own classes')
+            raise ConfigError(f'--class-map names ImageFolder class folders; --dataset {dataset} is '
                               f'labelled {how}')
-        return named_dataset(args.dataset, args.data_dir, split, is_training, args.dataset_download,
-                             class_to_idx=class_to_idx, num_classes=getattr(args, 'num_classes', None),
-                             batch_size=getattr(args, 'batch_size', 1), seed=getattr(args, 'seed', 42))
-    return image_folder(args.data_dir, split, is_training, class_to_idx, args.class_map)
+        return named_dataset(dataset, data_dir, split, is_training, download, class_to_idx=class_to_idx,
+                             num_classes=num_classes, batch_size=batch_size, seed=seed)
+    return image_folder(data_dir, split, is_training, class_to_idx, class_map)
 
 
 def is_stream(dataset) -> bool:
@@ -432,12 +436,11 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     aug_repeats = args.aug_repeats
     if aug_repeats and not dist_info.distributed:
         # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
-        print(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it',
-              flush=True)
+        _logger.info(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it')
         aug_repeats = 0
     if aug_repeats and is_stream(dataset):
-        print(f'aug_repeats={aug_repeats} needs random access to the images; --dataset {args.dataset} is a '
-              f'stream: training without it', flush=True)
+        _logger.info(f'aug_repeats={aug_repeats} needs random access to the images; --dataset {args.dataset} is '
+                     f'a stream: training without it')
         aug_repeats = 0
     prefetch = dist_info.device.type == 'cuda'
     dataset.transform = _with_rgb(dataset, create_transform(
@@ -480,9 +483,9 @@ def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
         raise ConfigError(f'--dataset {args.dataset} ({args.train_split}) has {shards} shard(s) for {world} '
                           f'processes: each process reads whole shards, so write at least {world} of them')
     workers = min(args.workers, shards // world)
-    if workers < args.workers and dist_info.is_primary:
-        print(f'note: {shards} training shard(s) over {world} process(es) feed {workers} loader workers '
-              f'per process, not {args.workers} (each worker reads whole shards)', flush=True)
+    if workers < args.workers:
+        _logger.info(f'note: {shards} training shard(s) over {world} process(es) feed {workers} loader workers '
+                     f'per process, not {args.workers} (each worker reads whole shards)')
     reader.dist_rank, reader.dist_num_replicas = dist_info.rank, world   # as this run's DistInfo says
     reader.batch_size = args.batch_size
     _prepare_stream(dataset, workers)

@@ -23,7 +23,8 @@ class DistInfo:
 
 
 def init_distributed(device: str = None) -> DistInfo:
-    """Join the process group torchrun set up (NCCL on GPU, gloo on CPU), or run alone."""
+    """Join the process group torchrun set up (NCCL on GPU, gloo on CPU), or run alone. Not timm's
+    ``init_distributed_device``: that one writes its results into the options, which a checkpoint stores."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))

@@ -1,4 +1,6 @@
-"""One training epoch and one evaluation pass: mix -> forward -> relabel -> step."""
+"""The train step, the epoch loop around it, and evaluation."""
+import itertools
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -6,19 +8,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.utils import dispatch_clip_grad
+from timm.utils import dispatch_clip_grad, unwrap_model
 
 from .distributed import all_reduce_min, all_reduce_sum
 from .logger import format_eta
 from .pictures import mix_snapshot
 from .skipped import UNREADABLE
 
-
-def unwrap_model(model):
-    """The plain module inside DDP and torch.compile wrappers."""
-    model = getattr(model, '_orig_mod', model)
-    model = getattr(model, 'module', model)
-    return getattr(model, '_orig_mod', model)
+_logger = logging.getLogger(__name__)
 
 
 def optimizer_step(loss, optimizer, scaler=None, clip_grad=None, clip_mode='norm', parameters=None,
@@ -109,126 +106,155 @@ class _NonFiniteWatch:
                                 f'lower --lr or a --clip-grad, from the last good weights with --initial-checkpoint')
 
 
-class _LoaderClock:
-    """Host time spent blocked in the loader's ``next()`` (data wait); the rest of the epoch's wall time is
-    compute. No device sync is added: on CUDA the host runs ahead of the device until something waits on it,
-    so the split of one step is not exact, but the log interval ends in a sync (the non-finite-loss check
-    reads a device value), so totals over log intervals and over the epoch are honest: time the host waited
-    for data while the device had nothing queued is data wait, time it waited for the device is compute."""
+class TrainStep:
+    """One training step: mix -> forward (the probe reads the class attention where a label needs it) ->
+    relabel -> loss -> backward, and on an update: optimizer step, EMA, per-update schedule."""
 
-    def __init__(self):
-        self.data = 0.0
+    def __init__(self, model, optimizer, loss_fn, mixer, probe=None, *, device, amp=nullcontext(), scaler=None,
+                 ema=None, scheduler=None, clip_grad=None, clip_mode='norm', channels_last=False, num_updates=0):
+        self.model, self.optimizer, self.loss_fn, self.mixer, self.probe = model, optimizer, loss_fn, mixer, probe
+        self.device, self.amp, self.scaler, self.ema, self.scheduler = device, amp, scaler, ema, scheduler
+        self.clip_grad, self.clip_mode, self.channels_last = clip_grad, clip_mode, channels_last
+        self.num_updates = num_updates
+        self.snapshot = None   # the first mixed batch of an epoch that asks for it (the mix/samples picture)
 
-    def timed(self, loader):
+    def __call__(self, x, y, update: bool = True, group: int = 1, keep_snapshot: bool = False):
+        """``group``: the number of steps whose gradients this update sums (gradient accumulation)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, target = self.mixer(x, y)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        probe, needs_attention = self.probe, self.mixer.needs_attention
+        no_sync = hasattr(self.model, 'no_sync') and not update    # DDP: all-reduce only on the update
+        with self.model.no_sync() if no_sync else nullcontext():
+            with self.amp:
+                if probe is not None:
+                    probe.enabled = needs_attention
+                logits = self.model(x)
+                if probe is not None:   # read once: the backward's recompute (--grad-checkpointing) skips it
+                    probe.enabled = False
+                attention = probe.attention if needs_attention else None
+                loss = self.loss_fn(logits, self.mixer.relabel(logits, attention))
+            if keep_snapshot:
+                self.snapshot = mix_snapshot(x, self.mixer.last, probe.attention if probe is not None else None)
+            optimizer_step(loss / group, self.optimizer, self.scaler, self.clip_grad, self.clip_mode,
+                           self.model.parameters(), update=update)
+        if probe is not None:
+            probe.attention = None   # the batch's attention is not kept past its step
+        if update:
+            self.num_updates += 1
+            if self.ema is not None:
+                self.ema.update(unwrap_model(self.model), step=self.num_updates)
+            self.scheduler.step_update(num_updates=self.num_updates)
+        return loss
+
+
+class EpochMonitor:
+    """What the epoch loop does around its steps (as DeiT's ``MetricLogger.log_every``): host time blocked
+    in the loader (data wait), running means, a log line every ``log_interval`` steps, the non-finite loss
+    check, recovery saves every ``recovery_interval`` steps, and a ``stop`` request, obeyed after an
+    optimizer update.
+
+    Data wait and compute: no device sync is added. On CUDA the host runs ahead of the device until
+    something waits on it, so one step's split is not exact, but every log interval ends in a sync (the
+    non-finite check reads a device value), so totals over log intervals and over the epoch are honest."""
+
+    def __init__(self, epoch: int, steps: int, optimizer, *, device, start_step: int = 0, world_size: int = 1,
+                 log_interval: int = 0, stop=None, recovery=None, recovery_interval: int = 0,
+                 partial_means: Optional[dict] = None):
+        """``steps``: the epoch's steps, those trained before a resume included; ``recovery(steps_done,
+        partial_means)`` saves a resumable state (never after a non-finite loss: the check runs first)."""
+        self.epoch, self.steps, self.optimizer, self.device = epoch, steps, optimizer, device
+        self.start_step, self.world_size, self.log_interval = start_step, world_size, log_interval
+        self.stop, self.recovery, self.recovery_interval = stop, recovery, recovery_interval
+        self.means, self.watch = _Means(device, partial_means), _NonFiniteWatch(device)
+        self.on_cuda = torch.device(device).type == 'cuda'
+        self.steps_done, self.images, self.data_wait = steps, 0, 0.0
+        self._update = False
+
+    def log_every(self, loader):
+        """``(step index, batch)`` for each step; the loop body calls ``record`` after its step."""
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.time()
+        self._log_at = (time.perf_counter(), 0.0, self.start_step)   # time, data wait, step of the last line
+        recovered_at = self.start_step
         iterator = iter(loader)
-        while True:
-            start = time.perf_counter()
+        for i in itertools.count(self.start_step):
+            waited = time.perf_counter()
             try:
                 batch = next(iterator)
             except StopIteration:
-                return
-            self.data += time.perf_counter() - start
-            yield batch
+                break
+            self.data_wait += time.perf_counter() - waited
+            yield i, batch
+            last = i + 1 == self.steps
+            if self.log_interval and ((i + 1) % self.log_interval == 0 or last):
+                self.watch.check(self.epoch, self.steps, current_lr(self.optimizer))
+                self._log_line(i)
+            if not (self._update and not last):
+                continue
+            if self.recovery is not None and i + 1 - recovered_at >= self.recovery_interval:
+                self.watch.check(self.epoch, self.steps, current_lr(self.optimizer))
+                self.recovery(i + 1, self.means.state_dict())
+                recovered_at = i + 1
+            if self.stop is not None and self.stop.requested():
+                self.steps_done = i + 1
+                break
+        self.watch.check(self.epoch, self.steps, current_lr(self.optimizer))
+
+    def record(self, i: int, loss, images: int, mix_step, update: bool) -> None:
+        self._update = update
+        self.images += images
+        self.means.add('loss', loss)
+        self.watch.add(i, loss)
+        if mix_step.lam_attn is not None:
+            self.means.add('lam_area', mix_step.lam_area.mean())
+            self.means.add('lam_attn', mix_step.lam_attn.mean())
+            if mix_step.alpha is not None:
+                self.means.add('alpha', mix_step.alpha.mean())
+
+    def _log_line(self, i: int) -> None:
+        now, now_pc = time.time(), time.perf_counter()
+        last_time, last_wait, last_step = self._log_at
+        rate = self.images * self.world_size / max(now - self.start, 1e-9)
+        eta = (now - self.start) / (i + 1 - self.start_step) * (self.steps - i - 1)
+        data_ms = 1e3 * (self.data_wait - last_wait) / (i + 1 - last_step)
+        compute_ms = 1e3 * (now_pc - last_time) / (i + 1 - last_step) - data_ms
+        self._log_at = (now_pc, self.data_wait, i + 1)
+        memory = f' mem {torch.cuda.max_memory_allocated(self.device) / 1e9:.1f} GB' if self.on_cuda else ''
+        _logger.info(f'epoch {self.epoch} [{i + 1:>4d}/{self.steps} ({100 * (i + 1) / self.steps:3.0f}%)] '
+                     f'loss {self.means.mean("loss"):.4f} lr {current_lr(self.optimizer):.3e} '
+                     f'{rate:.0f} img/s data {data_ms:.1f} ms compute {compute_ms:.1f} ms{memory} '
+                     f'eta {format_eta(eta)}')
+
+    def metrics(self) -> dict:
+        """This epoch's numbers: the loss over all ranks (collective), this rank's ``data_wait_s`` and
+        ``compute_s`` (the rest of the epoch), ``peak_memory_gb`` (CUDA max_memory_allocated, 1e9 bytes;
+        None elsewhere), and ``steps_done`` below ``steps`` where a stop request ended the epoch early."""
+        elapsed = time.time() - self.start
+        means, interrupted = self.means, self.steps_done < self.steps
+        return {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': self.steps,
+                'steps_done': self.steps_done, 'partial_means': means.state_dict() if interrupted else None,
+                'img_per_s': self.images * self.world_size / max(elapsed, 1e-9),
+                'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'), 'alpha': means.mean('alpha'),
+                'data_wait_s': self.data_wait, 'compute_s': max(elapsed - self.data_wait, 0.0),
+                'peak_memory_gb': torch.cuda.max_memory_allocated(self.device) / 1e9 if self.on_cuda else None}
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, mixer, probe, *, device, amp, scaler,
-                    ema, scheduler, num_updates, args, world_size=1, is_primary=True, keep_samples=False,
-                    start_step=0, partial_means=None, stop=None, recovery=None):
-    """Train for one epoch, from ``start_step`` when an interrupted epoch is resumed; returns
-    ``(metrics, num_updates)``. With a ``stop`` request it ends early after an optimizer step:
-    ``metrics['steps_done']`` is then below ``metrics['steps']``. ``recovery(steps_done, partial_means)``,
-    where given, saves a resumable state after an optimizer step every ``args.recovery_interval`` steps
-    (never after a non-finite loss: the check runs first, on every rank).
-
-    The step log line shows the mean data wait and compute per step since the previous log line (and the
-    peak memory of the epoch so far on CUDA); ``metrics`` has this rank's epoch totals ``data_wait_s``
-    (host time blocked in the loader) and ``compute_s`` (the rest of the epoch), and ``peak_memory_gb``
-    (CUDA max_memory_allocated over the epoch, 1e9 bytes; None elsewhere)."""
-    model.train()
-    accum = args.grad_accum_steps
-    steps = start_step + len(loader)
-    means, samples = _Means(device, partial_means), None
-    watch = _NonFiniteWatch(device)
-    start = time.time()
-    images_seen = 0
-    steps_done = steps
-    clock, on_cuda = _LoaderClock(), torch.device(device).type == 'cuda'
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    last_log = time.perf_counter()
-    data_at_log, step_at_log = 0.0, start_step
-    recovered_at = start_step
-    for i, (x, y) in enumerate(clock.timed(loader), start=start_step):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x, target = mixer(x, y)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+def train_one_epoch(step: TrainStep, loader, monitor: EpochMonitor, grad_accum_steps: int = 1,
+                    keep_snapshot: bool = False) -> dict:
+    """Train the steps ``loader`` gives (the rest of an epoch, after a resume); ``monitor.metrics()`` plus
+    ``samples``: the first mixed batch where ``keep_snapshot`` asks for it."""
+    step.model.train()
+    step.snapshot = None
+    steps, accum = monitor.steps, grad_accum_steps
+    for i, (x, y) in monitor.log_every(loader):
         update = (i + 1) % accum == 0 or i + 1 == steps
         group = accum if i < steps - steps % accum else steps % accum   # the last group may be short
-        no_sync = hasattr(model, 'no_sync') and not update    # DDP: all-reduce only on the update
-        if probe is not None:
-            probe.enabled = mixer.needs_attention
-        with model.no_sync() if no_sync else nullcontext():
-            with amp:
-                logits = model(x)
-                if probe is not None:   # read once: the backward's recompute (--grad-checkpointing) skips it
-                    probe.enabled = False
-                target = mixer.relabel(logits, probe.attention if mixer.needs_attention else None)
-                loss = loss_fn(logits, target)
-            if keep_samples and samples is None:   # before the probe lets go of the attention
-                samples = mix_snapshot(x, mixer.last, probe.attention if probe is not None else None)
-            optimizer_step(loss / group, optimizer, scaler, args.clip_grad, args.clip_mode,
-                           model.parameters(), update=update)
-        if probe is not None:
-            probe.enabled, probe.attention = False, None
-        if update:
-            num_updates += 1
-            if ema is not None:
-                ema.update(unwrap_model(model), step=num_updates)
-            scheduler.step_update(num_updates=num_updates)
-
-        images_seen += x.shape[0]
-        means.add('loss', loss)
-        watch.add(i, loss)
-        step = mixer.last
-        if step.lam_attn is not None:
-            means.add('lam_area', step.lam_area.mean())
-            means.add('lam_attn', step.lam_attn.mean())
-            if step.alpha is not None:
-                means.add('alpha', step.alpha.mean())
-        logging_step = args.log_interval and ((i + 1) % args.log_interval == 0 or i + 1 == steps)
-        if logging_step:
-            watch.check(epoch, steps, current_lr(optimizer))
-        if is_primary and logging_step:
-            now = time.time()
-            rate = images_seen * world_size / max(now - start, 1e-9)
-            eta = (now - start) / (i + 1 - start_step) * (steps - i - 1)
-            now_pc, interval_steps = time.perf_counter(), i + 1 - step_at_log
-            data_ms = 1e3 * (clock.data - data_at_log) / interval_steps
-            compute_ms = 1e3 * (now_pc - last_log) / interval_steps - data_ms
-            last_log, data_at_log, step_at_log = now_pc, clock.data, i + 1
-            memory = f' mem {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB' if on_cuda else ''
-            print(f'epoch {epoch} [{i + 1:>4d}/{steps} ({100 * (i + 1) / steps:3.0f}%)] '
-                  f'loss {means.mean("loss"):.4f} lr {current_lr(optimizer):.3e} '
-                  f'{rate:.0f} img/s data {data_ms:.1f} ms compute {compute_ms:.1f} ms{memory} '
-                  f'eta {format_eta(eta)}', flush=True)
-        if recovery is not None and update and i + 1 < steps and i + 1 - recovered_at >= args.recovery_interval:
-            watch.check(epoch, steps, current_lr(optimizer))
-            recovery(i + 1, means.state_dict())
-            recovered_at = i + 1
-        if update and stop is not None and i + 1 < steps and stop.requested():
-            steps_done = i + 1
-            break
-    watch.check(epoch, steps, current_lr(optimizer))
-    elapsed = time.time() - start
-    metrics = {'loss': means.mean_over_ranks('loss'), 'epoch_time_s': elapsed, 'steps': steps, 'steps_done': steps_done,
-               'partial_means': means.state_dict() if steps_done < steps else None,
-               'img_per_s': images_seen * world_size / max(elapsed, 1e-9),
-               'lam_area': means.mean('lam_area'), 'lam_attn': means.mean('lam_attn'),
-               'alpha': means.mean('alpha'), 'samples': samples,
-               'data_wait_s': clock.data, 'compute_s': max(elapsed - clock.data, 0.0),
-               'peak_memory_gb': torch.cuda.max_memory_allocated(device) / 1e9 if on_cuda else None}
-    return metrics, num_updates
+        loss = step(x, y, update, group, keep_snapshot=keep_snapshot and step.snapshot is None)
+        monitor.record(i, loss, x.shape[0], step.mixer.last, update)
+    return {**monitor.metrics(), 'samples': step.snapshot}
 
 
 @torch.no_grad()

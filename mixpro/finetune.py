@@ -6,6 +6,7 @@ embeddings are resized to this image size, anything else that does not fit is sk
 line says what happened. Weights that hardly fit at all (another architecture) are an error, never a
 silent random init.
 """
+import logging
 import argparse
 import math
 import os
@@ -23,6 +24,8 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 
 MIN_LOADED_FRACTION = 0.5   # fewer of the model's tensors than this loaded: the file is not for this model
+
+_logger = logging.getLogger(__name__)
 
 
 def read_checkpoint_file(path, option: str = '--initial-checkpoint'):
@@ -67,8 +70,8 @@ def timm_pretrained_weights(model_name: str,
         timm.models.is_model(model_name) else None
     offline = os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')   # as huggingface_hub
     if hub_id and not offline and not _in_hub_cache(hub_id):
-        print(f"note: --pretrained: fetching timm's weights for {model_name} from the Hugging Face Hub; "
-              f'without network this waits for its retries (HF_HUB_OFFLINE=1 fails at once)', flush=True)
+        _logger.info(f"note: --pretrained: fetching timm's weights for {model_name} from the Hugging Face Hub; "
+                     f'without network this waits for its retries (HF_HUB_OFFLINE=1 fails at once)')
     try:
         source = timm.create_model(model_name, pretrained=True)
     except (OSError, RuntimeError, ValueError) as err:   # no network / not in the cache (HF hub, URL:
@@ -189,7 +192,7 @@ def summary_line(source: str, model, fitted: dict, report: dict) -> str:
     return ', '.join(parts)
 
 
-def load_initial_weights(model, args, is_primary: bool = True) -> Optional[str]:
+def load_initial_weights(model, args) -> Optional[str]:
     """Copy ``--initial-checkpoint`` / ``--pretrained`` weights into ``model`` in place (its parameters
     stay the ones the optimizer holds); returns the summary line (printed on the primary rank), None
     when neither option is given. Call it for a new run only: a resumed run's checkpoint has the weights."""
@@ -210,6 +213,5 @@ def load_initial_weights(model, args, is_primary: bool = True) -> Optional[str]:
                           f'not matched: {_names(unfit)}')
     model.load_state_dict(fitted, strict=False)
     line = summary_line(source, model, fitted, report)
-    if is_primary:
-        print(line, flush=True)
+    _logger.info(line)
     return line

@@ -1,7 +1,10 @@
 """What a run writes besides checkpoints: summary.csv (timm's format), TensorBoard, console, and with
 ``--log-wandb`` the same scalars and pictures on Weights & Biases."""
 import csv
+import datetime
 import io
+import logging
+import sys
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -13,6 +16,45 @@ from .config import ConfigError, require_wandb
 from .pictures import snapshot_sheet, to_tensor
 
 WANDB_ID_FILE = 'wandb_id.txt'
+_logger = logging.getLogger(__name__)
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes each message to the ``sys.stdout`` of the moment (a redirect or pytest's capture made after
+    the setup still gets it); StreamHandler flushes after every record."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+class _PrimaryOnly(logging.Filter):
+    """Other ranks print warnings and errors only: notes and progress once per run, not once per GPU."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank: int = 0) -> None:
+    """The console output of mixpro's modules: one line per message, as written, from rank 0 (timm's
+    scripts call ``setup_default_logging`` the same way). Calling it again only updates the rank."""
+    package = logging.getLogger('mixpro')
+    handler = next((h for h in package.handlers if isinstance(h, _ConsoleHandler)), None)
+    if handler is None:
+        handler = _ConsoleHandler()
+        handler.setFormatter(logging.Formatter('%(message)s'))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False   # a root handler (timm's setup) would print every line twice
+    handler.filters = [_PrimaryOnly(rank)]
 
 
 class RunLogger:
@@ -83,6 +125,12 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.close(failed)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb) -> None:
+        self.close(failed=exc_type is not None)
+
 
 class WandbMirror:
     """The epoch scalars and mix pictures on Weights & Biases (``--log-wandb``; the package is optional).
@@ -121,9 +169,8 @@ class WandbMirror:
         try:
             self.run.finish(exit_code=1 if failed else 0)
         except Exception as err:   # W&B's own trouble must not hide the run's error or keep its lock
-            print(f'note: W&B did not close cleanly: {err}', flush=True)
+            _logger.info(f'note: W&B did not close cleanly: {err}')
 
 
 def format_eta(seconds: Optional[float]) -> str:
-    seconds = int(seconds or 0)
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+    return str(datetime.timedelta(seconds=int(seconds or 0)))

@@ -1,21 +1,23 @@
-"""The life cycle of a run folder: one run at a time (a lock), stop requests from cluster signals, the
-choice of the checkpoint a run resumes from, and the record of every start in ``run_info.yaml``."""
+"""The life cycle of a run folder: one run at a time (a lock), stop requests from cluster signals, and the
+record of every start in ``run_info.yaml``."""
 import datetime
 import errno
 import fcntl
+import logging
 import os
-import shutil
 import signal
 import socket
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import INTERRUPTED, LAST, CheckpointError, atomic_write_text, load_checkpoint, resume_position
+from .checkpoint import atomic_write_text
+
+_logger = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
@@ -43,8 +45,8 @@ class RunLock:
             holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
             if err.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):   # e.g. Lustre mounted noflock
                 os.close(fd)
-                print(f'note: {self.path.parent} is on a filesystem without flock ({err.strerror}): running '
-                      f'without the one-run-per-folder lock', flush=True)
+                _logger.info(f'note: {self.path.parent} is on a filesystem without flock ({err.strerror}): '
+                             f'running without the one-run-per-folder lock')
                 return None
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -99,6 +101,13 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
 
+    def __enter__(self):
+        self.install()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.uninstall()
+
     def _handle(self, signum, _frame) -> None:
         self.received = self.received or signum   # no printing here: the handler may interrupt a print
 
@@ -113,99 +122,6 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ''
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum   # the shell's convention for "ended by this signal"
-
-
-def choose_resume_checkpoint(args, run_dir: Path) -> Tuple[Optional[Path], List[str]]:
-    """The checkpoint ``--resume`` names: a path as given, or for ``auto`` the newest readable state in
-    the run folder (a mid-epoch ``interrupted`` save, ``last``, else the newest ``checkpoint-N``)."""
-    if args.resume in (None, '', 'none'):
-        return None, []
-    if args.resume != 'auto':
-        return Path(args.resume), []
-    notes, readable = [], []
-    for path in (run_dir / INTERRUPTED, run_dir / LAST):
-        if path.exists():
-            try:
-                readable.append((resume_position(load_checkpoint(path, mmap=True)), path))
-            except CheckpointError as err:
-                notes.append(f'{err}; skipped')
-    if readable:
-        return max(readable)[1], notes
-    numbered = sorted(run_dir.glob('checkpoint-*.pth.tar'), key=lambda p: int(p.stem.split('-')[1].split('.')[0]),
-                      reverse=True)
-    for path in numbered:
-        try:
-            load_checkpoint(path, mmap=True)
-        except CheckpointError as err:
-            notes.append(f'{err}; skipped')
-            continue
-        notes.append(f'falling back to {path.name}, the newest readable checkpoint')
-        return path, notes
-    if notes:   # checkpoints exist but none loads: never start over on top of them
-        raise RunError(f'--resume auto: no checkpoint in {run_dir} can be read ({"; ".join(notes)}); fix or move '
-                       f'them, or start afresh in another folder (--experiment)')
-    source = _outside_source(run_dir)
-    if source:   # a start from another folder's checkpoint, stopped (requeued) before it saved here
-        if not source.is_file():
-            raise RunError(f'--resume auto: {run_dir} holds no checkpoint, and {source}, which an earlier start '
-                           f'resumed from (run_info.yaml), is gone: give --resume PATH, or --resume none to '
-                           f'start afresh')
-        return source, [f'{run_dir} holds no checkpoint yet: continuing from {source}, which an earlier start '
-                        f'resumed from (run_info.yaml)']
-    return None, notes
-
-
-def _outside_source(run_dir: Path) -> Optional[Path]:
-    """The other folder's checkpoint the newest start of this run resumed from, as run_info.yaml records it
-    (None where that start began afresh or resumed from this folder)."""
-    try:
-        info = yaml.safe_load((run_dir / 'run_info.yaml').read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(info, dict):
-        return None
-    source = (info.get('resumes') or [info])[-1].get('from')   # the newest start's record
-    return Path(source) if source and not in_folder(Path(source), run_dir) else None
-
-
-def in_folder(path: Optional[Path], run_dir: Path) -> bool:
-    """Whether checkpoint ``path`` lies in the run folder (its best-k ranking names this folder's files)."""
-    return path is not None and Path(path).resolve().parent == Path(run_dir).resolve()
-
-
-def rolls_back(args, run_dir: Path) -> bool:
-    """Whether ``--resume`` names a checkpoint of this run folder itself (a step back in its own history,
-    e.g. to before a divergence), rather than ``auto`` or a file of another folder."""
-    return args.resume not in (None, '', 'none', 'auto') and in_folder(Path(args.resume), run_dir)
-
-
-def set_aside_later_states(run_dir: Path, resumed: Path) -> List[str]:
-    """Move the run folder's checkpoints of epochs after ``resumed`` into ``abandoned-<time>/``: left in
-    place, ``last`` would send the next ``--resume auto`` back to the abandoned epochs and ``model_best``
-    would name one of them until the new history beat it. Returns a note naming what moved."""
-    position = resume_position(load_checkpoint(resumed, mmap=True))
-    later = []
-    for path in sorted(Path(run_dir).glob('*.pth.tar')):
-        try:
-            if resume_position(load_checkpoint(path, mmap=True)) > position:
-                later.append(path)
-        except CheckpointError:
-            continue   # unreadable: tidy() and the resume choice deal with it as before
-    if not later:
-        return []
-    aside = Path(run_dir) / f"abandoned-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-    aside.mkdir()
-    for path in later:
-        path.rename(aside / path.name)
-    summary = Path(run_dir) / 'summary.csv'
-    if summary.exists():   # its rows of the abandoned epochs are cut when the run goes on
-        shutil.copy2(summary, aside / summary.name)
-    return [f'resuming from {resumed.name}: moved the later checkpoints {", ".join(p.name for p in later)} '
-            f'to {aside.name}/ with a copy of summary.csv (nothing deleted)']
 
 
 def broadcast_path(path: Optional[Path]) -> Optional[Path]:

@@ -5,14 +5,13 @@
 from typing import Tuple
 
 import torch
+from timm.data.mixup import one_hot
 
 
 def smoothed_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """``[B, K]`` one-hot rows with label smoothing spread over all K classes (timm's convention)."""
     off = smoothing / num_classes
-    on = 1.0 - smoothing + off
-    target = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-    return target.scatter_(1, labels.long().view(-1, 1), on)
+    return one_hot(labels, num_classes, on_value=1.0 - smoothing + off, off_value=off)
 
 
 def mix_target(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,

@@ -1,10 +1,9 @@
 """Evaluate models: train.py checkpoints exactly as their run evaluated them, timm models with their
 published or own weights, on whole datasets, class subsets (ImageNet-A/R), occluded images, or as
 out-of-distribution detectors (ImageNet-O)."""
+import logging
 import csv
 import json
-from argparse import Namespace
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -19,12 +18,13 @@ from .checkpoint import load_checkpoint
 from .config import ConfigError
 from .data import build_dataset, eval_loader, image_folder, num_classes_of, stop_workers
 from .distributed import cleanup, gather_cat, init_distributed
+from .build import autocast, create_model
+from .logger import setup_logging
 from .engine import evaluate, max_softmax
 from .finetune import family_filter, read_checkpoint_file, timm_pretrained_weights, weights_in
 from .real_labels import RealLabelScorer, check_real_request, read_real_labels, real_label_sets
 from .robustness import (OccludedBatches, SubsetLogits, dropped_count, imagenet_class_index, ood_measures,
                          read_class_subset, subset_outputs)
-from .training import build_model   # the same model construction as training
 
 
 @dataclass
@@ -32,13 +32,15 @@ class LoadedModel:
     """A model to evaluate and what its evaluation depends on."""
     model: nn.Module
     source: str                              # the checkpoint file, or timm's pretrained weights
-    args: Namespace                          # model / data options: a run's training args, or validate's own
+    options: dict                            # model / data options: a run's stored options, or validate's own
     class_to_idx: Optional[Dict[str, int]]   # class name -> output index, where known
     from_run: bool                           # a train.py checkpoint (its precision, dataset and data folder)
 
+_logger = logging.getLogger(__name__)
+
 
 def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=None):
-    """``(model, training_args, class_to_idx)`` rebuilt from a checkpoint written by train.py
+    """``(model, the run's options, class_to_idx)`` rebuilt from a checkpoint written by train.py
     (``class_to_idx`` is None for checkpoints of versions that did not store it)."""
     state = load_checkpoint(path)
     if not is_run_checkpoint(state):
@@ -51,29 +53,30 @@ def is_run_checkpoint(state) -> bool:
 
 
 def _model_from_run_state(state: dict, path, model_name, use_ema, img_size):
-    train_args = Namespace(**state['args'])
-    if model_name and model_name != train_args.model:
-        train_args.model, train_args.model_kwargs = model_name, {}   # the checkpoint's kwargs belong to its model
+    options = dict(state['args'])
+    if model_name and model_name != options['model']:
+        options.update(model=model_name, model_kwargs={})   # the checkpoint's kwargs belong to its model
     if img_size is not None:   # before building: ViTs size their position embedding from it
-        train_args.img_size = img_size
+        options['img_size'] = img_size
     weights = state['state_dict']
     if use_ema:
         weights = state.get('state_dict_ema')
         if weights is None:
             raise ValueError(f'checkpoint {path} holds no EMA weights (trained without --model-ema)')
-    train_args.grad_checkpointing = False   # a training-memory setting: evaluation keeps no activations
-    model = build_model(train_args, state['num_classes'])
+    # grad_checkpointing is a training-memory setting: evaluation keeps no activations
+    model = create_model(options['model'], state['num_classes'], model_kwargs=options.get('model_kwargs'),
+                         img_size=options.get('img_size'))
     trained_size = state['args'].get('img_size')
     try:
-        _load(model, weights, path, f"model {train_args.model!r} ({state['num_classes']} classes)")
+        _load(model, weights, path, f"model {options['model']!r} ({state['num_classes']} classes)")
     except ValueError as err:
-        if img_size is None or img_size == trained_size or train_args.model != state['args']['model']:
+        if img_size is None or img_size == trained_size or options['model'] != state['args']['model']:
             raise   # not about the size
         trained = f'{trained_size} px' if trained_size else "the model's default size"
         raise ValueError(f'--img-size {img_size}: {path} was trained at {trained}, and its weights do not fit '
                          f'a {img_size} px model (a ViT\'s position embedding has one entry per patch); leave '
                          f'--img-size out, or fine-tune at {img_size} px with train.py --initial-checkpoint') from err
-    return model, train_args, state.get('class_to_idx')
+    return model, options, state.get('class_to_idx')
 
 
 def _load(model: nn.Module, weights: dict, source, what: str) -> None:
@@ -105,16 +108,15 @@ def load_timm_model(args, checkpoint: Optional[str], state=None) -> LoadedModel:
         weights, source = timm_pretrained_weights(args.model, file_option='--checkpoint')
     else:
         raise ConfigError(f'--model {args.model} needs weights: --pretrained, or --checkpoint FILE')
-    model_args = Namespace(model=args.model, model_kwargs=dict(args.model_kwargs or {}), img_size=args.img_size,
-                           crop_pct=args.crop_pct, drop=0.0, drop_path=0.0, amp=False, amp_dtype='bfloat16',
-                           dataset='', class_map='', data_dir=None)
+    options = dict(model=args.model, model_kwargs=dict(args.model_kwargs or {}), img_size=args.img_size,
+                   crop_pct=args.crop_pct, amp=False, amp_dtype='bfloat16')
     num_classes = args.num_classes or _head_classes(args.model, weights) or 1000
-    model = build_model(model_args, num_classes)
+    model = create_model(args.model, num_classes, model_kwargs=args.model_kwargs, img_size=args.img_size)
     convert = family_filter(model)
     if convert is not None:   # official formats (DeiT, PVT, ...) and resized position embeddings
         weights = convert(weights, model)
     _load(model, weights, source, f'model {args.model!r} ({num_classes} classes)')
-    return LoadedModel(model, source, model_args, _class_names(args.class_map, num_classes), from_run=False)
+    return LoadedModel(model, source, options, _class_names(args.class_map, num_classes), from_run=False)
 
 
 def _class_names(class_map: Optional[str], num_classes: int) -> Optional[Dict[str, int]]:
@@ -143,22 +145,22 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
         if args.num_classes and args.num_classes != state['num_classes']:
             raise ConfigError(f"--num-classes {args.num_classes} with {checkpoint}: a train.py checkpoint has its "
                               f"own class count ({state['num_classes']}; the option is for --model weights)")
-        model, train_args, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
-                                                                args.img_size)
+        model, options, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
+                                                             args.img_size)
         if args.class_map:
             class_to_idx = _class_names(args.class_map, state['num_classes'])
-        return LoadedModel(model, str(checkpoint), train_args, class_to_idx, from_run=True)
+        return LoadedModel(model, str(checkpoint), options, class_to_idx, from_run=True)
     if args.use_ema:
         raise ConfigError('--use-ema needs a train.py checkpoint trained with --model-ema')
     return load_timm_model(args, checkpoint, state)
 
 
-def precision(args, train_args, from_run: bool = True) -> Tuple[Optional[torch.dtype], str]:
+def precision(args, trained: dict, from_run: bool = True) -> Tuple[Optional[torch.dtype], str]:
     """The autocast dtype to evaluate with (None: fp32) and where it comes from: ``--amp`` /
     ``--amp-dtype`` when given, else the checkpoint's own training precision, as its run evaluated
     (``from_run`` False: weights without a run, fp32 by default)."""
-    amp = (train_args.amp or bool(args.amp_dtype)) if args.amp is None else args.amp   # a dtype asks for autocast
-    name = args.amp_dtype or train_args.amp_dtype
+    amp = (trained['amp'] or bool(args.amp_dtype)) if args.amp is None else args.amp   # a dtype asks for autocast
+    name = args.amp_dtype or trained['amp_dtype']
     default = 'from the checkpoint' if from_run else 'the default for weights without a train.py run'
     source = default if args.amp is None and args.amp_dtype is None else 'as asked'
     if not amp:
@@ -193,7 +195,7 @@ def _check_subset_folders(root: Path, subset: List[str], option: str) -> None:
         raise ConfigError(f'{root} has class folder(s) outside --class-subset {option}: {", ".join(unknown[:5])}')
 
 
-def _numbered_classes(root: Path, class_to_idx, is_primary: bool, num_outputs: Optional[int] = None):
+def _numbered_classes(root: Path, class_to_idx, num_outputs: Optional[int] = None):
     """ImageNet-V2's layout names class folders by output index (0 … 999): label them by that number
     when the model's class names do not name them."""
     folders = _folder_names(root)
@@ -204,19 +206,17 @@ def _numbered_classes(root: Path, class_to_idx, is_primary: bool, num_outputs: O
     if beyond:
         raise ConfigError(f'the class folders of {root} are numbers, read as output indices, but the model has '
                           f'{num_outputs} outputs: folder(s) {", ".join(beyond[:5])} name no output of it')
-    if is_primary:
-        print(f'note: the class folders of {root} are numbers: each labels the output of that index', flush=True)
+    _logger.info(f'note: the class folders of {root} are numbers: each labels the output of that index')
     return {name: int(name) for name in folders}
 
 
 def _data_location(args, loaded: LoadedModel) -> Tuple[str, str]:
     """``(data_dir, split)``: the options', else a train.py checkpoint's own data folder and val split."""
-    run_args = loaded.args
-    data_dir = args.data_dir or (run_args.data_dir if loaded.from_run else None)
+    run = loaded.options if loaded.from_run else {}
+    data_dir = args.data_dir or run.get('data_dir')
     if not data_dir:
         raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
-    split = args.split if args.split is not None else (
-        getattr(run_args, 'val_split', 'val') if loaded.from_run else 'val')   # the run's own val split
+    split = args.split if args.split is not None else run.get('val_split', 'val')   # the run's own val split
     return data_dir, split
 
 
@@ -224,10 +224,10 @@ def _data_config(args, loaded: LoadedModel) -> dict:
     """The eval transforms: the run's (or the timm model's), with ``--crop-pct`` / ``--interpolation`` where
     given."""
     if args.crop_pct is not None:
-        loaded.args.crop_pct = args.crop_pct
+        loaded.options['crop_pct'] = args.crop_pct
     if getattr(args, 'interpolation', None):
-        loaded.args.interpolation = args.interpolation
-    return resolve_data_config(vars(loaded.args), model=loaded.model)
+        loaded.options['interpolation'] = args.interpolation
+    return resolve_data_config(loaded.options, model=loaded.model)
 
 
 def network(args, loaded: LoadedModel) -> nn.Module:
@@ -241,14 +241,12 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     """``(loader, model to evaluate, data config, split label)`` for one loaded model: its dataset with the
     class index its outputs need, and the model restricted to ``--class-subset`` where one is given, or
     wrapped in a ``RealLabelScorer`` for ``--real-labels``."""
-    run_args = loaded.args
-    dataset_name = (getattr(run_args, 'dataset', '') if loaded.from_run else '') if args.dataset is None else args.dataset
+    run = loaded.options if loaded.from_run else {}
+    dataset_name = run.get('dataset', '') if args.dataset is None else args.dataset
     data_dir, split_name = _data_location(args, loaded)
     # a run's --class-map labels its ImageFolder data (runs of older versions kept one beside a --dataset,
     # which ignored it)
-    class_map = getattr(run_args, 'class_map', '') if loaded.from_run and not dataset_name else ''
-    data_args = Namespace(data_dir=data_dir, dataset_download=args.dataset_download, dataset=dataset_name,
-                          class_map=class_map)
+    class_map = run.get('class_map', '') if not dataset_name else ''
     model, class_to_idx = network(args, loaded), loaded.class_to_idx
     real_labels = getattr(args, 'real_labels', None)
     if real_labels:   # before reading any data: refuse what ReaL cannot score
@@ -261,13 +259,14 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
         _check_subset_folders(Path(data_dir) / split_name, subset, args.class_subset)
         model = SubsetLogits(model, outputs)
         class_to_idx = {name: i for i, name in enumerate(subset)}   # labels: positions in the subset
-        data_args.class_map = ''
+        class_map = ''
     elif not dataset_name:
-        class_to_idx = _numbered_classes(Path(data_dir) / split_name, class_to_idx, dist_info.is_primary,
+        class_to_idx = _numbered_classes(Path(data_dir) / split_name, class_to_idx,
                                          getattr(loaded.model, 'num_classes', None))
-    dataset = build_dataset(data_args, split_name, is_training=False, class_to_idx=class_to_idx)
+    dataset = build_dataset(data_dir, split_name, is_training=False, dataset=dataset_name, class_map=class_map,
+                            download=args.dataset_download, class_to_idx=class_to_idx)
     classes = num_classes_of(dataset)
-    expected = getattr(run_args, 'num_classes', None) if loaded.from_run else None
+    expected = run.get('num_classes')
     if not args.class_subset and expected and (dataset_name or not class_to_idx) and classes != expected:
         # the run's own class index labels an ImageFolder (a split missing some classes is fine);
         # other datasets, and checkpoints of older versions, must have the run's class count
@@ -286,10 +285,9 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
     loader, model, data_config, split = build_eval_data(args, loaded, dist_info)
     _check_occlusion(ratios, data_config['input_size'][-2:], args.occlusion_patch)
     model.to(dist_info.device)
-    amp_dtype, precision_note = precision(args, loaded.args, loaded.from_run)
-    amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    if dist_info.is_primary:
-        print(f'evaluating {loaded.source}, precision: {precision_note}', flush=True)
+    amp_dtype, precision_note = precision(args, loaded.options, loaded.from_run)
+    amp = autocast(dist_info.device, amp_dtype)
+    _logger.info(f'evaluating {loaded.source}, precision: {precision_note}')
     rows = []
     try:
         for ratio in ratios:
@@ -298,7 +296,7 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
             if isinstance(model, RealLabelScorer):
                 batches = model.batches(batches, loader.sampler)
             metrics = evaluate(model, batches, dist_info.device, amp)
-            row = {'checkpoint': loaded.source, 'model': loaded.args.model, 'ema': bool(args.use_ema),
+            row = {'checkpoint': loaded.source, 'model': loaded.options['model'], 'ema': bool(args.use_ema),
                    'split': split, 'class_subset': args.class_subset or '', 'occlusion': ratio,
                    'samples': metrics['count'], 'unreadable': metrics['unreadable'], 'top1': metrics['top1'],
                    'top5': metrics['top5'],
@@ -308,12 +306,11 @@ def evaluate_loaded(args, loaded: LoadedModel, dist_info, ratios=(0.0,)) -> List
             real = model.counts() if isinstance(model, RealLabelScorer) else None   # collective: every rank
             row.update(real or {})
             rows.append(row)
-            if dist_info.is_primary:
-                occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
-                subset = f' [{args.class_subset}]' if args.class_subset else ''
-                print(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
-                      f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
-                      f"({metrics['count']} images{_unreadable_note(metrics)}){_real_summary(real)}", flush=True)
+            occluded = f' occlusion {ratio:g}' if len(ratios) > 1 or ratio else ''
+            subset = f' [{args.class_subset}]' if args.class_subset else ''
+            _logger.info(f"{row['model']}{' (EMA)' if args.use_ema else ''} on {split}{subset}{occluded}: "
+                         f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  loss {metrics['loss']:.4f}  "
+                         f"({metrics['count']} images{_unreadable_note(metrics)}){_real_summary(real)}")
     finally:
         stop_workers(loader)   # also after an exception: exit would wait on them forever
     return rows
@@ -357,8 +354,8 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     datasets = {'in': image_folder(data_dir, split, False, index, select=True),
                 'ood': image_folder(str(root.parent), root.name, False, index)}
     data_config = _data_config(args, loaded)
-    amp_dtype, _ = precision(args, loaded.args)
-    amp = torch.autocast(dist_info.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    amp_dtype, _ = precision(args, loaded.options)
+    amp = autocast(dist_info.device, amp_dtype)
     confidence = {}
     for name, dataset in datasets.items():
         loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
@@ -367,10 +364,9 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
         finally:
             stop_workers(loader)
     measures = ood_measures(confidence['in'], confidence['ood'])
-    if dist_info.is_primary:
-        print(f"{loaded.args.model} {option} {root}: AUPR {measures['aupr']:.2f}  AUROC {measures['auroc']:.2f}  "
-              f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
-              f"{Path(data_dir) / split} in its {len(classes)} classes)", flush=True)
+    _logger.info(f"{loaded.options['model']} {option} {root}: AUPR {measures['aupr']:.2f}  AUROC {measures['auroc']:.2f}  "
+                 f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
+                 f"{Path(data_dir) / split} in its {len(classes)} classes)")
     return measures
 
 
@@ -401,6 +397,7 @@ def run(args) -> List[dict]:
     """Evaluate every ``--checkpoint`` (or ``--model --pretrained``) at every ``--occlusion`` ratio;
     returns one result row per pair."""
     dist_info = init_distributed(args.device)
+    setup_logging(dist_info.rank)
     try:
         rows = []
         for checkpoint in list(args.checkpoint or []) or [None]:

@@ -398,14 +398,16 @@ def bench_input_pipeline(args, device):
     from timm.data import resolve_data_config
     from mixpro.data import build_dataset, class_index_of, num_classes_of, train_loader
     from mixpro.distributed import DistInfo
-    from mixpro.training import build_model
+    from mixpro.build import create_model, model_options
 
     recipe = parse_recipe(args.recipe, device, f"--data-dir {shlex.quote(args.data_dir)} {args.recipe_args or ''}")
     dist_info = DistInfo(device=device)
-    train_set = build_dataset(recipe, recipe.train_split, is_training=True)
+    train_set = build_dataset(recipe.data_dir, recipe.train_split, is_training=True, dataset=recipe.dataset,
+                              class_map=recipe.class_map, num_classes=recipe.num_classes,
+                              batch_size=recipe.batch_size, seed=recipe.seed)
     class_index_of(train_set)
     num_classes = recipe.num_classes or num_classes_of(train_set)
-    model = build_model(recipe, num_classes)
+    model = create_model(recipe.model, num_classes, **model_options(recipe))
     data_config = resolve_data_config(vars(recipe), model=model)
     loader_rates, recipe_workers = {}, recipe.workers
     for workers in args.workers_list if args.workers_list is not None else [recipe_workers]:
@@ -457,20 +459,19 @@ def recipe_steps(recipe, model, num_classes, size, device, backends, compile_mod
     ``backends`` (name -> torch.compile backend, or None for eager; ``compile_mode`` its mode):
     {name: (step, optimizer)}. All share ``model``, its probe (attached before compiling, as train.py does)
     and one optimizer, so that one model's weights and optimizer state are in memory."""
-    from mixpro.distributed import DistInfo
-    from mixpro.training import (NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, mixed_precision,
-                                 wrap_for_training)
+    from mixpro.build import (NEEDS_ATTENTION as RECIPE_NEEDS_ATTENTION, label_token_size, mixed_precision,
+                              wrap_for_training)
     model.to(device).train()
     probe = AttentionProbe(model) if recipe.mix_method in RECIPE_NEEDS_ATTENTION else None
     x = torch.randn(recipe.batch_size, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (recipe.batch_size,), device=device)
-    amp, _ = mixed_precision(recipe, device, primary=False)   # the step is timed without a GradScaler
+    amp, _ = mixed_precision(device, recipe.amp, recipe.amp_dtype)   # the step is timed without a GradScaler
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     steps = {}
     for name, backend in backends.items():
-        recipe.torchcompile = backend
-        recipe.torchcompile_mode = compile_mode if backend else None
-        runner, _ = wrap_for_training(model, recipe, DistInfo(device=device))   # compiled as train.py compiles
+        runner, _ = wrap_for_training(model, device=device, torchcompile=backend,   # compiled as train.py compiles
+                                      torchcompile_mode=compile_mode if backend else None,
+                                      grad_checkpointing=recipe.grad_checkpointing)
         steps[name] = (TrainStep(runner, probe, recipe.mix_method, num_classes, x, y, amp, recipe.mask_cell,
                                  probe.token_size if probe else label_token_size(model), compile_backend=backend),
                        optimizer)
@@ -481,7 +482,7 @@ def bench_zoo(args, device):
     """(f): each recipe's own model and train step (its method, batch, size, precision), eager against
     ``torch.compile``: ms/step, seconds to compile, peak memory, the speed-up."""
     from timm.data import resolve_data_config
-    from mixpro.training import build_model
+    from mixpro.build import create_model, model_options
     rows = {}
     for path in args.zoo:
         recipe = parse_recipe(path, device, args.zoo_args)
@@ -490,7 +491,7 @@ def bench_zoo(args, device):
         num_classes = recipe.num_classes or 1000
         row = {'model': recipe.model, 'method': recipe.mix_method, 'batch': recipe.batch_size}
         torch.manual_seed(0)
-        model = build_model(recipe, num_classes)
+        model = create_model(recipe.model, num_classes, **model_options(recipe))
         size = resolve_data_config(vars(recipe), model=model)['input_size'][-1]
         steps = recipe_steps(recipe, model, num_classes, size, device,
                              {'eager': None, 'compiled': args.compile_backend}, args.compile_mode)

@@ -15,7 +15,6 @@ without its class-attention head) get the pictures and λ_area only.
 """
 import argparse
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 from PIL import Image
@@ -32,7 +31,7 @@ from mixpro.mixer import Mixer  # noqa: E402
 from mixpro.pictures import attention_tile, compose, grey_tile, tile, to_unit  # noqa: E402
 from mixpro.probe import AttentionProbe  # noqa: E402
 from mixpro.targets import attention_lambda, mix_target, pal_lambda, transmix_lambda  # noqa: E402
-from mixpro.training import label_token_size  # noqa: E402
+from mixpro.build import label_token_size  # noqa: E402
 from mixpro.validation import load_model_from_checkpoint  # noqa: E402
 
 COLUMNS = ['image A', 'image B', 'MaskMix', 'tokens from A', 'attention', 'CutMix', 'attention']
@@ -56,16 +55,16 @@ def parse_args(argv=None):
     return args
 
 
-def validation_pairs(train_args, class_to_idx, model, args):
+def validation_pairs(run: dict, class_to_idx, model, args):
     """``(A, B, labels A, labels B, data config)``: 2 × pairs eval-transformed images spread over the split
     (an ImageFolder lists its classes in order, so spread images are mostly of different classes)."""
-    data_args = Namespace(data_dir=args.data_dir or train_args.data_dir, dataset=getattr(train_args, 'dataset', ''),
-                          dataset_download=False, class_map=getattr(train_args, 'class_map', ''))
-    args.split = args.split or getattr(train_args, 'val_split', 'val')
-    dataset = build_dataset(data_args, args.split, is_training=False, class_to_idx=class_to_idx)
+    args.split = args.split or run.get('val_split', 'val')
+    dataset = build_dataset(args.data_dir or run['data_dir'], args.split, is_training=False,
+                            dataset=run.get('dataset', ''), class_map=run.get('class_map', ''),
+                            class_to_idx=class_to_idx)
     if len(dataset) < 2 * args.pairs:
         raise ConfigError(f'{args.split} holds {len(dataset)} images: too few for --pairs {args.pairs}')
-    config = resolve_data_config(vars(train_args), model=model)
+    config = resolve_data_config(run, model=model)
     dataset.transform = transforms.Compose([ToRGB(), create_transform(
         config['input_size'], is_training=False, interpolation=config['interpolation'], mean=config['mean'],
         std=config['std'], crop_pct=config['crop_pct'])])
@@ -76,10 +75,10 @@ def validation_pairs(train_args, class_to_idx, model, args):
     return x[:n], x[n:], y[:n], y[n:], config
 
 
-def keep_masks(method: str, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, train_args, token_size, seed):
+def keep_masks(method: str, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, run: dict, token_size, seed):
     """The keep mask (True: pixel of A) the run's mixer draws for ``method``, one per pair."""
-    options = dict(num_classes=int(y.max()) + 1, token_size=token_size, seed=seed, mask_cell=train_args.mask_cell,
-                   maskmix_alpha=train_args.maskmix_alpha, cutmix_alpha=train_args.cutmix or 1.0)
+    options = dict(num_classes=int(y.max()) + 1, token_size=token_size, seed=seed, mask_cell=run['mask_cell'],
+                   maskmix_alpha=run['maskmix_alpha'], cutmix_alpha=run['cutmix'] or 1.0)
     if method == 'maskmix':
         mixer = Mixer('maskmix', **options)
     else:   # TransMix's mixer with the switch at CutMix: a CutMix box on every batch
@@ -95,9 +94,9 @@ def keep_masks(method: str, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, t
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, train_args, class_to_idx = load_model_from_checkpoint(args.checkpoint, use_ema=args.use_ema)
+        model, run, class_to_idx = load_model_from_checkpoint(args.checkpoint, use_ema=args.use_ema)
         names = {i: name for name, i in (class_to_idx or {}).items()}
-        a, b, ya, yb, config = validation_pairs(train_args, class_to_idx, model, args)
+        a, b, ya, yb, config = validation_pairs(run, class_to_idx, model, args)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f'error: {err}')
     try:
@@ -106,11 +105,11 @@ def main(argv=None):
     except ValueError:   # no class attention to read (no class token, or an unsupported family)
         probe, token_size = None, label_token_size(model)
     model.eval()
-    num_classes = train_args.num_classes
+    num_classes = run['num_classes']
     rows, captions = [], []
     mixes = {}
     for method in ('maskmix', 'cutmix'):
-        keep = keep_masks(method, a, b, ya, train_args, token_size, args.seed)
+        keep = keep_masks(method, a, b, ya, run, token_size, args.seed)
         mixed = torch.where(keep, a, b)
         if probe is not None:
             probe.enabled = True
@@ -120,9 +119,9 @@ def main(argv=None):
         lam_area = keep.float().mean((1, 2, 3))
         lam_attn = alpha = lam = None
         if attention is not None:
-            lam_attn = attention_lambda(token_membership(keep, token_size, train_args.membership), attention)
+            lam_attn = attention_lambda(token_membership(keep, token_size, run['membership']), attention)
             if method == 'maskmix':
-                area_target = mix_target(ya, yb, lam_area, num_classes, train_args.smoothing)
+                area_target = mix_target(ya, yb, lam_area, num_classes, run['smoothing'])
                 lam, alpha = pal_lambda(logits, area_target, lam_area, lam_attn)
             else:
                 lam = transmix_lambda(lam_area, lam_attn)
@@ -133,7 +132,7 @@ def main(argv=None):
     grid_side = a.shape[-1] // token_size
     for i in range(args.pairs):
         m, c = mixes['maskmix'], mixes['cutmix']
-        tokens = token_membership(m['keep'][i:i + 1], token_size, train_args.membership).view(grid_side, -1)
+        tokens = token_membership(m['keep'][i:i + 1], token_size, run['membership']).view(grid_side, -1)
         rows.append([tile(unit['a'][i], args.size), tile(unit['b'][i], args.size), tile(unit['maskmix'][i], args.size),
                      grey_tile(tokens, args.size),
                      attention_tile(unit['maskmix'][i], m['attention'][i], args.size) if m['attention'] is not None else None,
@@ -158,8 +157,8 @@ def main(argv=None):
         sheet.save(args.output)
     except OSError as err:
         sys.exit(f'error: --output {args.output} cannot be written: {err}')
-    dataset = getattr(train_args, 'dataset', '')
-    source = f'{dataset}:{args.split}' if dataset else Path(args.data_dir or train_args.data_dir) / args.split
+    dataset = run.get('dataset', '')
+    source = f'{dataset}:{args.split}' if dataset else Path(args.data_dir or run['data_dir']) / args.split
     print(f'wrote {args.output}: {args.pairs} pairs of {source}')
     return sheet
 
