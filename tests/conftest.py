@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+STEPS = 4   # training steps per epoch of data_dir: 3 classes x 12 train images, batch 8, drop_last
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +67,11 @@ def xcit_train_args(data_dir, out, experiment, method='mixpro', epochs=1, *extra
             *args[model_kwargs + 5:], '--model', 'xcit_nano_12_p8_224']
 
 
+def load_state(path):
+    """A checkpoint's dict, read as train.py's own files are."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def read_summary(run_dir):
     with open(run_dir / 'summary.csv') as f:
         return list(csv.DictReader(f))
@@ -82,3 +89,18 @@ def signal_during_mixer_call(monkeypatch, call: int, signum: int) -> None:
             os.kill(os.getpid(), signum)
         return real(self, x, y)
     monkeypatch.setattr(Mixer, '__call__', mixing)
+
+
+def nan_loss_at(monkeypatch, step: int) -> None:
+    """The training loss of the ``step``-th step (counted over epochs, from 1) becomes NaN."""
+    from timm.loss import SoftTargetCrossEntropy
+    from mixpro import training
+
+    class NanAtStep(SoftTargetCrossEntropy):
+        calls = 0
+
+        def forward(self, x, target):
+            NanAtStep.calls += 1
+            loss = super().forward(x, target)
+            return loss * float('nan') if NanAtStep.calls == step else loss
+    monkeypatch.setattr(training, 'SoftTargetCrossEntropy', NanAtStep)
