@@ -337,10 +337,10 @@ def _affine_matrices(rows: torch.Tensor, height: int, width: int):
 
 
 def _taps(flat: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor, width: int) -> torch.Tensor:
-    """flat uint8 [n, 3, H*W] read at integer (yi, xi) [n, H, W] -> int32 [n, 3, H, W]."""
-    n, _, hw = flat.shape
+    """flat int32 [n, 3, H*W] read at integer (yi, xi) [n, H, W] -> int32 [n, 3, H, W]."""
+    n = flat.shape[0]
     index = (yi * width + xi).view(n, 1, -1).expand(n, 3, -1)
-    return flat.gather(2, index).view(n, 3, *yi.shape[1:]).int()
+    return flat.gather(2, index).view(n, 3, *yi.shape[1:])
 
 
 def _bilinear(flat, xin, yin, height, width):
@@ -428,7 +428,7 @@ def _warp(x, rows, resample: int):
     py = torch.arange(height, device=x.device, dtype=torch.float64).view(1, -1, 1) + 0.5
     xin = (a * px + b * py) + c  # Pillow: a0 * xin + a1 * yin + a2, in this order
     yin = (d * px + e * py) + f
-    flat = x.reshape(n, 3, height * width)
+    flat = x.reshape(n, 3, height * width).int()  # Pillow's taps are ints: (b - a) etc. in int arithmetic
     if resample == NEAREST:
         values, inside = _nearest(flat, xin, yin, mats, height, width)
     else:
