@@ -1,5 +1,6 @@
 """mixpro.tensor_augment against timm's own Pillow RandAugment: same draws, same pixels, batched."""
 import math
+import pickle
 import random
 
 import numpy as np
@@ -313,6 +314,19 @@ def test_params_shape_and_columns():
     params = RandAugmentParams.from_string('rand-m9-n3-mstd0.5-inc1', HPARAMS)()
     assert params.shape == (3, PARAMS_WIDTH) and params.dtype == torch.float64
     assert (params[:, 4:7] == torch.tensor(HPARAMS['img_mean'], dtype=torch.float64)).all()
+
+
+def test_sampler_pickles_for_spawned_workers():
+    """forkserver / spawn workers get the dataset's transforms by pickle: the sampler must survive it
+    and keep drawing the same."""
+    sampler = RandAugmentParams.from_string(RECIPE, HPARAMS)
+    copy = pickle.loads(pickle.dumps(sampler))
+    random.seed(9)
+    np.random.seed(9)
+    first = torch.stack([sampler() for _ in range(50)])
+    random.seed(9)
+    np.random.seed(9)
+    assert torch.equal(first, torch.stack([copy() for _ in range(50)]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
