@@ -15,7 +15,7 @@ from timm.scheduler import create_scheduler_v2
 
 from .config import ConfigError
 from .mixer import Mixer
-from .probe import AttentionProbe, find_attention_source
+from .probe import AttentionProbe, find_attention_source, patch_size
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def create_model(name: str, num_classes: int, *, model_kwargs: Optional[dict] = 
             raise ConfigError(f"model '{name}' is not a timm model: {err}") from err
         raise
     except TypeError as err:   # a keyword the model does not take, or a value of the wrong type
-        raise ConfigError(f"model '{name}' cannot be built with model_kwargs {kwargs}: {err}") from err
+        raise ConfigError(f"model '{name}' cannot be built with model_kwargs {kwargs}: {err} "
+                          f"(--model-kwargs none drops a recipe's)") from err
     if grad_checkpointing:
         try:
             model.set_grad_checkpointing(True)
@@ -68,13 +69,6 @@ def use_sync_bn(model, distributed: bool):
         _logger.info(f'note: --sync-bn changes nothing: {why}')
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def patch_size(model) -> Optional[int]:
-    """The pixel size of a model's top-level patch embedding (ViT-like models), None where there is none."""
-    size = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return size if isinstance(size, int) else None
 
 
 def label_token_size(model) -> int:
@@ -160,8 +154,9 @@ def create_scheduler(optimizer, *, sched: str, epochs: int, updates_per_epoch: i
                      lower_is_better: bool, **timing):
     """timm's ``create_scheduler_v2``: ``(scheduler, epochs)``. The engine calls ``step_update()`` after
     every optimizer update and ``step(epoch)`` at each epoch's end, so a per-update schedule moves on the
-    first and a per-epoch one on the second. ``timing``: decay_epochs, decay_rate, cooldown_epochs,
-    min_lr, warmup_lr, warmup_epochs."""
+    first and a per-epoch one on the second. ``timing``: create_scheduler_v2's decay_epochs,
+    decay_milestones, decay_rate, patience_epochs, cooldown_epochs, min_lr, warmup_lr, warmup_epochs,
+    warmup_prefix."""
     try:
         return create_scheduler_v2(optimizer, sched=sched, num_epochs=epochs, step_on_epochs=not on_updates,
                                    updates_per_epoch=updates_per_epoch,

@@ -16,6 +16,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .config import first_line
+
 LAST, BEST, INTERRUPTED = 'last.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar'
 
 
@@ -67,7 +69,7 @@ def atomic_save(obj, path: Path) -> None:
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes the same file as ``src``: a hard link where the filesystem has them (no bytes written:
-    a best epoch of a 1-3 GB checkpoint used to be written three times), a copy elsewhere. Sharing the file
+    a best epoch's 1-3 GB checkpoint is not written again as checkpoint-N and model_best), a copy elsewhere. Sharing the file
     is safe because checkpoints are never written in place: every save writes a new file and renames it."""
     if Path(dst).exists() and os.path.samefile(src, dst):   # already one file: rename would leave the temp
         return
@@ -100,8 +102,7 @@ def load_checkpoint(path, mmap: bool = False) -> dict:
     except Exception as err:
         if not _looks_like_torch_save(path):   # torch's own message would suggest weights_only=False
             raise CheckpointError(f'checkpoint {path} cannot be read: it is not a file torch.save wrote') from err
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f'checkpoint {path} cannot be read: {reason}') from err
+        raise CheckpointError(f'checkpoint {path} cannot be read: {first_line(err)}') from err
 
 
 def _looks_like_torch_save(path: Path) -> bool:
@@ -180,7 +181,7 @@ class CheckpointKeeper:
             return notes
         kept = []
         for value, epoch in self.ranking:
-            if not self.path(epoch).exists() and epoch == last_epoch:   # runs of older versions wrote last first
+            if not self.path(epoch).exists() and epoch == last_epoch:   # a folder written last-first
                 atomic_copy(self.run_dir / LAST, self.path(epoch))
                 notes.append(f'restored {self.path(epoch).name} from {LAST}')
             if self.path(epoch).exists():

@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,11 +29,19 @@ class ConfigError(ValueError):
     """A recipe or command line that cannot be run as written."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (a library's multi-line message in a one-line error)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 class KeyValueAction(argparse.Action):
     """``--model-kwargs depth=4 patch_size=4`` -> ``{'depth': 4, 'patch_size': 4}``. Unlike timm's
     ParseKwargs it adds to a recipe's dict instead of replacing it, and names a pair without '='."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if values == ['none']:   # drop a recipe's keyword arguments (e.g. for another --model)
+            setattr(namespace, self.dest, {})
+            return
         kwargs = dict(getattr(namespace, self.dest, None) or {})   # merge into the recipe's, not replace
         for item in values:
             key, sep, value = item.partition('=')
@@ -90,7 +99,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='deit_tiny_patch16_224')
     group.add_argument('--model-kwargs', nargs='*', action=KeyValueAction, default={},
-                       help='extra timm create_model arguments, key=value')
+                       help="extra timm create_model arguments, key=value ('none' drops the recipe's)")
     group.add_argument('--pretrained', action=flag, default=False,
                        help="start from timm's pretrained weights for --model (a new run, unlike --resume)")
     group.add_argument('--initial-checkpoint', default='',
@@ -138,8 +147,15 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--warmup-lr', type=float, default=1e-6)
     group.add_argument('--min-lr', type=float, default=1e-5)
     group.add_argument('--cooldown-epochs', type=int, default=0)
-    group.add_argument('--decay-epochs', type=float, default=90)
+    group.add_argument('--decay-epochs', type=float, default=90, help="step: epochs between decays; wsd/rsqrt: the "
+                       "decay phase's length")
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                       help='multistep: the epochs at which the lr is multiplied by --decay-rate')
     group.add_argument('--decay-rate', type=float, default=0.1)
+    group.add_argument('--patience-epochs', type=int, default=10,
+                       help='plateau: epochs without improvement of --eval-metric before the lr decays')
+    group.add_argument('--warmup-prefix', action=flag, default=False,
+                       help='the schedule starts after the warmup instead of counting the warmup epochs in it')
     group.add_argument('--grad-accum-steps', type=int, default=1)
 
     group = parser.add_argument_group('augmentation')
@@ -207,6 +223,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help='epochs between TensorBoard grids of mixed samples (0 = never)')
     group.add_argument('--log-wandb', action=flag, default=False,
                        help="also log to Weights & Biases (pip install wandb; offline: WANDB_MODE=offline)")
+    group.add_argument('--wandb-tags', nargs='+', default=None, help='tags of the W&B run')
     group.add_argument('--wandb-project', default=None,
                        help='W&B project (default: mixpro; the run is named --experiment)')
     group.add_argument('--device', default=None, help='default: cuda when available, else cpu')
@@ -223,8 +240,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals as one ConfigError line (its usage message is 59 lines long), naming the nearest
+    valid choice."""
+
+    def error(self, message):
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            near = difflib.get_close_matches(choice.group(2), re.findall(r"'([^']*)'", choice.group(3)), n=1)
+            message += f"; did you mean '{near[0]}'?" if near else ''
+        raise ConfigError(message)
+
+
 def train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description='Train a timm model with MixPro, TransMix or Mixup/CutMix.', formatter_class=_HelpFormatter)
     parser.add_argument('--config', '-c', default=None,
                         help="YAML recipe; its keys are these options, plus 'base: other.yaml' to build on another")
@@ -235,6 +264,17 @@ def train_parser() -> argparse.ArgumentParser:
 def _options(parser: argparse.ArgumentParser) -> dict:
     return {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
 
+
+# timm train.py options not offered here, with why (named when given, instead of a bare 'unknown option')
+NOT_OFFERED = {
+    '--mixup-mode': 'the mixer draws its mixing per batch (MaskMix cells and partners per sample); timm\'s '
+                    'pair/elem modes are not implemented',
+    '--cutmix-minmax': 'CutMix boxes follow Beta(--cutmix, --cutmix) as in DeiT and TransMix',
+    '--no-resume-opt': 'a resume restores the whole training state; to start afresh from its weights use '
+                       '--initial-checkpoint PATH',
+    '--input-size': 'the loaders give RGB images: use --img-size N',
+    '--local_rank': 'ranks come from torchrun\'s environment (RANK, LOCAL_RANK)',
+}
 
 # names other codebases use for an option, checked before the nearest-spelling guess
 # ('learning_rate' is closer to 'decay_rate' than to 'lr')
@@ -306,7 +346,10 @@ def load_recipe(path: str, parser: argparse.ArgumentParser, _chain=()) -> dict:
     if file.resolve() in _chain:
         raise ConfigError(f'config file {path} includes itself through base:')
     if not file.is_file():
-        raise ConfigError(f'config file {path} does not exist')
+        near = difflib.get_close_matches(file.name, [p.name for p in file.parent.glob('*.yaml')], n=1) \
+            if file.parent.is_dir() else []
+        hint = f'; did you mean {file.parent / near[0]}?' if near else ''
+        raise ConfigError(f'config file {path} does not exist{hint}')
     try:
         recipe = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
@@ -337,18 +380,20 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
     elsewhere."""
     parser = train_parser()
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**load_recipe(known.config, parser))
+    recipe = load_recipe(known.config, parser) if known.config else {}
+    parser.set_defaults(**recipe)
     args, extra = parser.parse_known_args(argv)
     for item in extra:   # an unknown --flag: name the option it probably meant (argparse reports the rest)
         if item.startswith('--'):
             flag = item.split('=', 1)[0]
+            if flag in NOT_OFFERED:
+                raise ConfigError(f'{flag} is not offered: {NOT_OFFERED[flag]}')
             options = _options(parser)
             near = _suggest(flag[2:].replace('-', '_'), options)
             hint = f'; did you mean {options[near].option_strings[0]}?' if near else ''
             raise ConfigError(f'unknown option {flag}{hint}')
-    if extra:
-        parser.parse_args(argv)   # exits with argparse's usage message
+    if extra:   # words that belong to no option
+        raise ConfigError(f'unexpected argument {extra[0]}: options are named, e.g. --data-dir {extra[0]}')
     given = {item.split('=', 1)[0] for item in (sys.argv[1:] if argv is None else argv) if item.startswith('--')}
     scaling = sorted(flag for flag in given if flag.startswith('--lr-b'))   # argparse takes abbreviations too
     if scaling and args.lr is not None:   # an absolute lr wins: the scaling options would silently do nothing
@@ -356,12 +401,23 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
         raise ConfigError(f'{", ".join(scaling)} would change nothing: {source} sets the absolute lr '
                           f'{args.lr:g}, which wins over the batch-scaled lr_base; give --lr to change it '
                           f'(--lr none: the batch-scaled lr_base instead)')
+    if recipe.get('model_kwargs') and args.model != recipe.get('model') and '--model-kwargs' not in given:
+        _logger.info(f"note: --model {args.model} is built with the recipe's model_kwargs {recipe['model_kwargs']} "
+                     f'(made for {recipe.get("model")}); --model-kwargs none drops them')
     if args.experiment is None:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):
         args.aa = None
     check_values(args, parser, check_machine)
+    if check_machine and args.amp and _device(args).type == 'cpu' and not given & {'--amp', '--amp-dtype'}:
+        args.amp = False   # float16 autocast runs several times slower than float32 on a CPU
+        _logger.info("note: the recipe's amp is off on the CPU, where autocast is slower than float32; "
+                     "--amp turns it on")
     return args
+
+
+def _device(args) -> torch.device:
+    return torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
@@ -402,18 +458,21 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
         return
     _check_output(args)
     check_device(args.device)
-    if args.sync_bn and not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda'):
+    if args.sync_bn and _device(args).type != 'cuda':
         raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only (on CPU, --dist-bn "
                           "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
     elif args.wandb_project not in (None, DEFAULT_WANDB_PROJECT):
         _logger.info(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb')
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = _device(args).type
     if args.compile_mixer and (args.mix_method not in ('maskmix', 'mixpro') or
-                               (device.startswith('cpu') and args.mix_method == 'maskmix')):
+                               (device == 'cpu' and args.mix_method == 'maskmix')):
         _logger.info(f"note: --compile-mixer compiles nothing for {args.mix_method} on {device}: it compiles "
                      f"MaskMix's composition off the CPU and the PAL label of mixpro")
+    if args.sched == 'multistep' and min(args.decay_milestones) >= args.epochs:
+        _logger.info(f'note: --sched multistep never decays in {args.epochs} epochs: --decay-milestones '
+                     f'{" ".join(map(str, args.decay_milestones))} are all at or after the end')
 
 
 def check_value(key: str, value, name: str) -> None:

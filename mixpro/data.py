@@ -38,7 +38,7 @@ from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.readers.class_map import load_class_map
 from timm.utils.misc import natural_key
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 from .distributed import DistInfo
 from .skipped import measured, name_skipped_files
 
@@ -149,14 +149,10 @@ def named_dataset(name: str, data_dir: str, split: str, is_training: bool, downl
     except (AssertionError, RuntimeError, OSError, ValueError) as err:
         unknown = 'Unknown torchvision dataset' in str(err)   # no download can help: the name is wrong
         hint = '' if download or prefix != 'torch' or unknown else ' (--dataset-download fetches it into --data-dir)'
-        raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {_first_line(err)}{hint}') from err
+        raise ConfigError(f'--dataset {name} ({split}) under {data_dir}: {first_line(err)}{hint}') from err
     if len(dataset) == 0:
         raise ConfigError(f'--dataset {name} ({split}) under {data_dir} holds no images')
     return dataset
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _is_shard_pattern(split: str) -> bool:
@@ -190,7 +186,7 @@ def webdataset(name: str, data_dir: str, split: str, is_training: bool,
         raise ConfigError(f"{where}: split '{split}' of the _info file has no {err} (timm's ReaderWds needs name, "
                           f'num_samples, filenames and shard_lengths)') from err
     except (AssertionError, RuntimeError, OSError, ValueError, TypeError) as err:
-        reason = _first_line(err)
+        reason = first_line(err)
         if 'num_samples not specified' in reason:
             reason = ('the number of training samples is unknown, so an epoch has no length: give num_samples in '
                       "the _info file's split, or end the shard pattern with |N")

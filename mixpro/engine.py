@@ -100,10 +100,10 @@ class _NonFiniteWatch:
     def check(self, epoch: int, steps: int, lr: float) -> None:
         first = int(all_reduce_min(self.first.clone()))
         if first != self.NONE:
-            raise NonFiniteLoss(f'the training loss is not finite (NaN or inf) at epoch {epoch} step '
-                                f'{first + 1}/{steps} (lr {lr:.3e}): stopped without saving these weights. Resuming with the '
-                                f'same settings repeats it exactly; start a new run (its own --experiment) with a '
-                                f'lower --lr or a --clip-grad, from the last good weights with --initial-checkpoint')
+            # a resume with the same settings would repeat it exactly: the advice is a new run
+            raise NonFiniteLoss(f'the training loss is not finite (NaN or inf) at epoch {epoch} step {first + 1}/'
+                                f'{steps} (lr {lr:.3e}), nothing saved: start a new --experiment from the last good '
+                                f'weights (--initial-checkpoint) with a lower --lr or a --clip-grad')
 
 
 class TrainStep:

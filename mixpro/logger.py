@@ -12,7 +12,7 @@ from typing import Optional
 from timm.utils import update_summary
 
 from .checkpoint import atomic_write_text
-from .config import ConfigError, require_wandb
+from .config import ConfigError, first_line, require_wandb
 from .pictures import snapshot_sheet, to_tensor
 
 WANDB_ID_FILE = 'wandb_id.txt'
@@ -88,6 +88,23 @@ class RunLogger:
             writer.writerows(kept)
         atomic_write_text(self.summary, text.getvalue())   # rewritten whole, then renamed: never torn
 
+    def complete_summary(self, epoch: int, summary: dict) -> None:
+        """Write summary.csv's row of ``epoch`` from its checkpoint's ``summary`` where the row is missing."""
+        if self.summary.exists() and any(row.get('epoch') == str(epoch)
+                                         for row in csv.DictReader(self.summary.read_text().splitlines())):
+            return
+        update_summary(epoch, {'loss': summary['loss']}, self._flat(summary['evals']), str(self.summary),
+                       lr=summary['lr'])
+
+    @staticmethod
+    def _flat(evals: dict) -> dict:
+        """``{'eval': {'top1': ..}, 'eval_ema': {..}}`` -> summary.csv's columns (top1, ema_top1, ...)."""
+        flat = {}
+        for prefix, metrics in evals.items():
+            tag = prefix[len('eval'):].lstrip('_')
+            flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
+        return flat
+
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
         """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``; values of None
         (an epoch not evaluated) leave their summary.csv cells empty and plot nothing."""
@@ -106,11 +123,7 @@ class RunLogger:
         self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(epoch, scalars)
-        flat = {}
-        for prefix, metrics in evals.items():
-            tag = prefix[len('eval'):].lstrip('_')
-            flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
-        update_summary(epoch, {'loss': train['loss']}, flat, str(self.summary), lr=lr)
+        update_summary(epoch, {'loss': train['loss']}, self._flat(evals), str(self.summary), lr=lr)
 
     def log_images(self, epoch: int, snapshot: dict, mean, std, class_names=None) -> None:
         """The first mixed images of the epoch with their labels, λ and class attention (mix_snapshot)."""
@@ -152,7 +165,7 @@ class WandbMirror:
         try:
             self.run = wandb.init(id=run_id, resume='allow', dir=str(run_dir), **settings)
         except Exception as err:   # not logged in, no network, ...: stop before training, not inside it
-            reason = (str(err).strip().splitlines() or [repr(err)])[0]
+            reason = first_line(err)
             raise ConfigError(f'--log-wandb: W&B did not start: {reason} (wandb login, or WANDB_MODE=offline '
                               f'and wandb sync later)') from err
         self.run.define_metric('epoch')

@@ -36,9 +36,11 @@ class AttentionSource:
     token_size: int           # pixels per token side of the attention grid
 
 
-def _patch_size(patch_embed) -> int:
-    size = patch_embed.patch_size
-    return size if isinstance(size, int) else size[0]
+def patch_size(model) -> Optional[int]:
+    """The pixel size of a model's top-level patch embedding (ViT-like models), None where there is none."""
+    size = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return size if isinstance(size, int) else None
 
 
 def _vit_source(model: VisionTransformer) -> Optional[AttentionSource]:
@@ -47,15 +49,15 @@ def _vit_source(model: VisionTransformer) -> Optional[AttentionSource]:
     layer = model.blocks[-1].attn
     if type(layer) is not Attention:
         return None   # rope / diff attention variants compute q·k differently
-    return AttentionSource(layer, model.num_prefix_tokens, _patch_size(model.patch_embed))
+    return AttentionSource(layer, model.num_prefix_tokens, patch_size(model))
 
 
 def _cait_source(model: Cait) -> AttentionSource:
-    return AttentionSource(model.blocks_token_only[-1].attn, 1, _patch_size(model.patch_embed))
+    return AttentionSource(model.blocks_token_only[-1].attn, 1, patch_size(model))
 
 
 def _xcit_source(model: Xcit) -> AttentionSource:
-    return AttentionSource(model.cls_attn_blocks[-1].attn, 1, _patch_size(model.patch_embed))
+    return AttentionSource(model.cls_attn_blocks[-1].attn, 1, patch_size(model))
 
 
 _SOURCES: Dict[type, Callable[[nn.Module], Optional[AttentionSource]]] = {

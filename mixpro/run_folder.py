@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -122,6 +124,21 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ''
+
+
+def stop_when_orphaned(interval: float = 5.0) -> None:
+    """Under torchrun, send this rank SIGTERM (a stop request: it saves and exits) when its launcher is gone,
+    e.g. killed with SIGKILL, which cannot pass a signal on: the ranks would otherwise train on as orphans,
+    holding their GPUs."""
+    if 'TORCHELASTIC_RUN_ID' not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name='stop-when-orphaned', daemon=True).start()
 
 
 def broadcast_path(path: Optional[Path]) -> Optional[Path]:

@@ -26,21 +26,29 @@ RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
                      'checkpoint_hist', 'val_interval', 'torchcompile', 'torchcompile_mode', 'compile_mixer',
                      'channels_last', 'grad_checkpointing', 'recovery_interval', 'log_wandb', 'wandb_project',
+                     'wandb_tags', 'amp', 'amp_dtype',   # precision: a GPU run may go on on the CPU and back
                      'initial_checkpoint', 'pretrained',   # where a run's first weights came from
                      'dataset_download'}
 
 
-def check_same_run(saved: dict, options: dict, path: Path) -> None:
+_FIRST_NAMED = ('model', 'model_kwargs', 'mix_method', 'num_classes', 'img_size')   # what tells runs apart
+
+
+def check_same_run(saved: dict, options: dict, path: Path, own_folder: bool = True) -> None:
     """Refuse to resume a checkpoint of a differently configured run into this one (``options``: this run's,
-    those not known yet left out)."""
+    those not known yet left out; ``own_folder``: the checkpoint lies in this run's folder)."""
     # a class_map beside a --dataset was never used: runs that stored one resume alike
     may_change = RESUMABLE_CHANGES | ({'class_map'} if saved.get('dataset') else set())
-    differing = sorted(k for k in saved if k not in may_change and k in options
-                       and _comparable(saved[k]) != _comparable(options[k]))
+    differing = sorted((k for k in saved if k not in may_change and k in options
+                        and _comparable(saved[k]) != _comparable(options[k])),
+                       key=lambda k: (k not in _FIRST_NAMED, _FIRST_NAMED.index(k) if k in _FIRST_NAMED else 0, k))
     if differing:
-        details = ', '.join(f'{k}: {saved[k]!r} -> {options[k]!r}' for k in differing[:6])
-        raise ConfigError(f'{path} belongs to a run with other settings ({details}); give this run its own '
-                          f'--experiment (or move that run folder away to start afresh in its place)')
+        details = ', '.join(f'{k}: {saved[k]!r} -> {options[k]!r}' for k in differing[:8])
+        more = f' and {len(differing) - 8} more' if len(differing) > 8 else ''
+        advice = ('give this run its own --experiment (or move that run folder away to start afresh in its place)'
+                  if own_folder else f'to train these settings from its weights, use --initial-checkpoint {path} '
+                  f'instead of --resume')
+        raise ConfigError(f'{path} belongs to a run with other settings ({details}{more}); {advice}')
 
 
 def _comparable(value):
@@ -58,8 +66,11 @@ class TrainState:
         self.num_classes, self.class_to_idx = num_classes, class_to_idx
 
     def state_dict(self, epoch: int, resume_at: Tuple[int, int], evals: Optional[dict] = None,
-                   metric: Optional[float] = None, partial_means: Optional[dict] = None) -> Optional[dict]:
-        """The checkpoint, on rank 0 (None elsewhere). Collective: every rank's random state is gathered."""
+                   metric: Optional[float] = None, partial_means: Optional[dict] = None,
+                   summary: Optional[dict] = None) -> Optional[dict]:
+        """The checkpoint, on rank 0 (None elsewhere). Collective: every rank's random state is gathered.
+        ``summary``: the epoch's summary.csv numbers (train loss, lr), written after the checkpoint: a
+        resume writes the row where a crash came between the two."""
         rank_states = self._gather_rank_states(partial_means)
         if not self.dist_info.is_primary:
             return None
@@ -70,7 +81,7 @@ class TrainState:
             'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict() if self.scaler else None,
             'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-            'metric': metric, 'eval_metrics': evals, 'rng_states': rank_states,
+            'metric': metric, 'eval_metrics': evals, 'rng_states': rank_states, 'summary': summary,
         }
 
     def load_state_dict(self, state: dict, path: Path, updates_per_epoch: int, stream: bool = False) -> dict:
@@ -274,7 +285,7 @@ def pick_checkpoint(args, run_dir: Path) -> Optional[Path]:
         # only once the checkpoint is this run's (options resolved later, such as num_classes, are checked
         # after the data is read)
         known = {k: v for k, v in vars(args).items() if v is not None}
-        check_same_run(load_checkpoint(path, mmap=True).get('args', {}), known, path)
+        check_same_run(load_checkpoint(path, mmap=True).get('args', {}), known, path, own_folder=True)
         notes += set_aside_later_states(run_dir, path)
     for line in notes:
         _logger.info(f'note: {line}')

@@ -14,7 +14,7 @@ from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, distribute_bn
 
 from .build import (NEEDS_ATTENTION, attention_probe, create_mixer, create_model, create_optimizer, create_scheduler,
-                    label_token_size, mixed_precision, model_options, patch_size, resolve_lr, use_sync_bn, wrap_for_training)
+                    label_token_size, mixed_precision, model_options, resolve_lr, use_sync_bn, wrap_for_training)
 from .checkpoint import LAST, CheckpointKeeper, load_checkpoint
 from .config import DEFAULT_WANDB_PROJECT, ConfigError
 from .data import (build_dataset, class_index_of, dataset_size, eval_loader, is_stream, num_classes_of,
@@ -23,7 +23,8 @@ from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochMonitor, TrainStep, current_lr, evaluate, train_one_epoch, updates_per_epoch
 from .finetune import load_initial_weights
 from .logger import RunLogger, format_eta, setup_logging
-from .run_folder import RunLock, StopRequest, broadcast_path, save_run_info
+from .probe import patch_size
+from .run_folder import RunLock, StopRequest, broadcast_path, save_run_info, stop_when_orphaned
 from .state import TrainState, check_same_run, in_folder, pick_checkpoint
 
 _logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def run_life(args):
         dist_info = init_distributed(args.device)
         stack.callback(cleanup)
         setup_logging(dist_info.rank)
+        stop_when_orphaned()
         run_dir = Path(args.output) / args.experiment
         path = None
         if dist_info.is_primary:
@@ -91,14 +93,17 @@ def run(args) -> dict:
         scheduler, num_epochs = create_scheduler(
             optimizer, sched=args.sched, epochs=args.epochs, updates_per_epoch=per_epoch,
             on_updates=args.sched_on_updates, lower_is_better=lower_is_better, decay_epochs=args.decay_epochs,
-            decay_rate=args.decay_rate, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs)
+            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, patience_epochs=args.patience_epochs,
+            cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix)
 
-        checkpoint = read_run_checkpoint(checkpoint_path, args, class_to_idx)
+        checkpoint = read_run_checkpoint(checkpoint_path, args, class_to_idx, run_dir)
         if not checkpoint:   # a new run may start from given weights (in place, before the EMA copies them)
             load_initial_weights(model, args)
         # after the probe (its deep copy gets an inert hook) and the initial weights
-        ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+        ema = None
+        if args.model_ema:
+            ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         state = TrainState(args, model, optimizer, scheduler, mixer, dist_info, scaler=scaler, ema=ema,
                            num_classes=num_classes, class_to_idx=class_to_idx)
         position = {'epoch': 0, 'step': 0, 'num_updates': 0, 'partial_means': None}
@@ -116,6 +121,8 @@ def run(args) -> dict:
         if primary:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = stack.enter_context(RunLogger(run_dir, position['epoch'], wandb=wandb_settings(args)))
+            if checkpoint.get('summary') and not position['step']:   # a crash came between checkpoint and row
+                logger.complete_summary(position['epoch'] - 1, checkpoint['summary'])
             keeper = checkpoint_keeper(run_dir, args, checkpoint, checkpoint_path, lower_is_better)
             _logger.info(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
                          f'{_count(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
@@ -161,11 +168,14 @@ def run(args) -> dict:
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
             scheduler.step(epoch + 1, metric)   # a plateau schedule moves on evaluated epochs only
             logged = {k: {m: v[m] for m in LOGGED_METRICS} for k, v in evals.items()}
-            saved = state.state_dict(epoch, (epoch + 1, 0), evals=logged or None, metric=metric)
+            # an epoch not evaluated gets empty cells in the same summary.csv columns
+            weights = ['eval'] + (['eval_ema'] if ema is not None else [])
+            columns = logged or {k: dict.fromkeys(LOGGED_METRICS) for k in weights}
+            saved = state.state_dict(epoch, (epoch + 1, 0), evals=logged or None, metric=metric,
+                                     summary={'loss': train_metrics['loss'], 'lr': lr_now, 'evals': columns})
             if primary:
-                keeper.save(saved, epoch, metric)   # before the summary row: a crash between them never
-                # shows the run an epoch ahead of its checkpoint
-                log_epoch(logger, epoch, train_metrics, logged, ema is not None, lr_now, data_config, class_to_idx)
+                keeper.save(saved, epoch, metric)   # before the summary row, so the table is never ahead of it
+                log_epoch(logger, epoch, train_metrics, columns, lr_now, data_config, class_to_idx)
                 run_eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (num_epochs - epoch - 1)
                 _logger.info(epoch_line(epoch, train_metrics, evals, run_eta))
             barrier()
@@ -248,12 +258,12 @@ def build_loaders(args, train_set, val_set, data_config: dict, dist_info: DistIn
     return loader, val_loader
 
 
-def read_run_checkpoint(path: Optional[Path], args, class_to_idx: dict) -> dict:
+def read_run_checkpoint(path: Optional[Path], args, class_to_idx: dict, run_dir: Path) -> dict:
     """The checkpoint this run resumes from, checked to be this run's; ``{}`` for a new run."""
     if path is None:
         return {}
     checkpoint = load_checkpoint(path)
-    check_same_run(checkpoint.get('args', {}), vars(args), path)
+    check_same_run(checkpoint.get('args', {}), vars(args), path, own_folder=in_folder(path, run_dir))
     if checkpoint.get('class_to_idx') and checkpoint['class_to_idx'] != class_to_idx:
         raise ConfigError(f'{path} was trained with other classes than {args.data_dir} has (same '
                           f'count, other folders or order): its labels would be permuted')
@@ -285,7 +295,7 @@ def wandb_settings(args) -> Optional[dict]:
     """``wandb.init`` settings (``--log-wandb``): the run named after its folder, its options as the config."""
     if not args.log_wandb:
         return None
-    return {'project': args.wandb_project or DEFAULT_WANDB_PROJECT, 'name': args.experiment,
+    return {'project': args.wandb_project or DEFAULT_WANDB_PROJECT, 'name': args.experiment, 'tags': args.wandb_tags,
             'config': {k: v for k, v in vars(args).items() if k != 'config'}}
 
 
@@ -321,10 +331,9 @@ def ranking_metric(evals: dict, args) -> Optional[float]:
     return evals['eval_ema' if ema else 'eval'][name]
 
 
-def log_epoch(logger, epoch, train_metrics, logged, has_ema, lr, data_config, class_to_idx) -> None:
-    """summary.csv, TensorBoard (and W&B): an epoch not evaluated gets empty cells in the same columns."""
-    unmeasured = {k: dict.fromkeys(LOGGED_METRICS) for k in ['eval'] + (['eval_ema'] if has_ema else [])}
-    logger.log_epoch(epoch, train_metrics, logged or unmeasured, lr)
+def log_epoch(logger, epoch, train_metrics, evals, lr, data_config, class_to_idx) -> None:
+    """summary.csv, TensorBoard (and W&B), and the mix/samples picture of the epochs that keep one."""
+    logger.log_epoch(epoch, train_metrics, evals, lr)
     if train_metrics['samples'] is not None:
         logger.log_images(epoch, train_metrics['samples'], data_config['mean'], data_config['std'],
                           class_names={i: name for name, i in class_to_idx.items()})

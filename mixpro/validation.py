@@ -41,7 +41,7 @@ _logger = logging.getLogger(__name__)
 
 def load_model_from_checkpoint(path, model_name=None, use_ema=False, img_size=None):
     """``(model, the run's options, class_to_idx)`` rebuilt from a checkpoint written by train.py
-    (``class_to_idx`` is None for checkpoints of versions that did not store it)."""
+    (``class_to_idx`` is None for checkpoints that do not hold one)."""
     state = load_checkpoint(path)
     if not is_run_checkpoint(state):
         raise ValueError(f'checkpoint {path} was not written by train.py (no args / state_dict)')
@@ -244,8 +244,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     run = loaded.options if loaded.from_run else {}
     dataset_name = run.get('dataset', '') if args.dataset is None else args.dataset
     data_dir, split_name = _data_location(args, loaded)
-    # a run's --class-map labels its ImageFolder data (runs of older versions kept one beside a --dataset,
-    # which ignored it)
+    # a run's --class-map labels its ImageFolder data only (a --dataset ignores one stored beside it)
     class_map = run.get('class_map', '') if not dataset_name else ''
     model, class_to_idx = network(args, loaded), loaded.class_to_idx
     real_labels = getattr(args, 'real_labels', None)
@@ -269,7 +268,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     expected = run.get('num_classes')
     if not args.class_subset and expected and (dataset_name or not class_to_idx) and classes != expected:
         # the run's own class index labels an ImageFolder (a split missing some classes is fine);
-        # other datasets, and checkpoints of older versions, must have the run's class count
+        # other datasets, and checkpoints without a class index, must have the run's class count
         raise ValueError(f'checkpoint {loaded.source} was trained for {expected} classes '
                          f'but {dataset_name or Path(data_dir) / split_name} has {classes} classes')
     if real_labels:   # the model, also counting ReaL hits of each image (by its file name)
@@ -364,8 +363,8 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
         finally:
             stop_workers(loader)
     measures = ood_measures(confidence['in'], confidence['ood'])
-    _logger.info(f"{loaded.options['model']} {option} {root}: AUPR {measures['aupr']:.2f}  AUROC {measures['auroc']:.2f}  "
-                 f"({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
+    _logger.info(f"{loaded.options['model']} {option} {root}: AUPR {measures['aupr']:.2f}  "
+                 f"AUROC {measures['auroc']:.2f}  ({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
                  f"{Path(data_dir) / split} in its {len(classes)} classes)")
     return measures
 
@@ -377,6 +376,19 @@ def _check_occlusion(ratios, size, patch: int) -> None:
         if ratio > 0 and dropped_count(ratio, patches) == 0:
             raise ConfigError(f'--occlusion {ratio:g} drops none of the {patches} patch(es) of a {size[0]}x{size[1]} '
                               f'image cut into --occlusion-patch {patch} px patches: use smaller patches')
+
+
+def check_occlusion_for_all(args, ratios) -> None:
+    """Each checkpoint's input size against the occlusion ratios, before the first evaluation: a ratio that
+    drops nothing for the third model would otherwise stop the run after two were evaluated."""
+    if not any(ratio > 0 for ratio in ratios):
+        return
+    for checkpoint in list(args.checkpoint or []) or [None]:
+        loaded = load_model(args, checkpoint)
+        try:
+            _check_occlusion(ratios, _data_config(args, loaded)['input_size'][-2:], args.occlusion_patch)
+        except ConfigError as err:
+            raise ConfigError(f'{loaded.source}: {err}') from err
 
 
 def _unreadable_note(metrics: dict) -> str:
@@ -400,6 +412,8 @@ def run(args) -> List[dict]:
     setup_logging(dist_info.rank)
     try:
         rows = []
+        if len(args.checkpoint or []) > 1:
+            check_occlusion_for_all(args, args.occlusion or [0.0])
         for checkpoint in list(args.checkpoint or []) or [None]:
             rows += evaluate_loaded(args, load_model(args, checkpoint), dist_info, args.occlusion or [0.0])
             if dist_info.is_primary and args.results_file:   # after each model: a later failure keeps these

@@ -32,7 +32,8 @@ from mixpro.config import ConfigError  # noqa: E402
 from mixpro.distributed import cleanup, init_distributed  # noqa: E402
 from mixpro.pictures import line_plot  # noqa: E402
 from mixpro.robustness import check_occlusion_options, read_class_subset, subset_outputs  # noqa: E402
-from mixpro.validation import check_ood_inputs, evaluate_loaded, load_model, ood_detection  # noqa: E402
+from mixpro.validation import (check_occlusion_for_all, check_ood_inputs, evaluate_loaded, load_model,  # noqa: E402
+                               ood_detection)
 
 DEFAULT_RATIOS = [round(0.1 * k, 1) for k in range(1, 10)]
 
@@ -41,8 +42,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('checkpoints', nargs='*', metavar='CHECKPOINT',
                         help='train.py checkpoints, or state dicts of --model')
-    parser.add_argument('--data-dir', required=True, help='ImageNet-style root with <split>/<class>/')
-    parser.add_argument('--split', default='val')
+    parser.add_argument('--data-dir', default=None,
+                        help="ImageNet-style root with <split>/<class>/ (default: a train.py checkpoint's own)")
+    parser.add_argument('--split', default=None, help="default: a train.py checkpoint's val split, else val")
     parser.add_argument('--occlusion', type=float, nargs='*', default=DEFAULT_RATIOS, metavar='R',
                         help='occlusion ratios (default 0.1 … 0.9; none: no occlusion columns)')
     parser.add_argument('--imagenet-a', default=None, metavar='DIR', help='the ImageNet-A folder (<wnid>/<images>)')
@@ -58,7 +60,8 @@ def parse_args(argv=None):
         if any(arg == name or arg.startswith(name + '=') for arg in rest):
             parser.error(f'{name} is set by this script')
     checkpoints = ['--checkpoint', *own.checkpoints] if own.checkpoints else []
-    base = validate.parse_args([*checkpoints, *rest, '--data-dir', own.data_dir, '--split', own.split])
+    data = (['--data-dir', own.data_dir] if own.data_dir else []) + (['--split', own.split] if own.split else [])
+    base = validate.parse_args([*checkpoints, *rest, *data])
     check_occlusion_options(own.occlusion, base.occlusion_patch)   # before the first evaluation, not after it
     base.dataset = ''   # ImageFolder data, whatever dataset the checkpoints trained on
     return own, base
@@ -135,6 +138,8 @@ def main(argv=None):
     table = []
     try:
         sources = base.checkpoint or [None]
+        if len(sources) > 1:
+            check_occlusion_for_all(base, own.occlusion)
         for checkpoint in sources:
             loaded = load_model(base, checkpoint)
             check_inputs(own, base, loaded)   # before an hour of evaluations, not after them
