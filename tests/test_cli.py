@@ -73,3 +73,32 @@ def test_resuming_another_runs_checkpoint_names_every_difference_and_initial_che
     assert 'and 5 more' in message and '--initial-checkpoint' in message and '--experiment' not in message
     with pytest.raises(ConfigError, match='its own --experiment'):
         check_same_run(saved, options, tmp_path / 'run' / 'last.pth.tar', own_folder=True)
+
+
+@pytest.mark.slow
+def test_every_checkpoints_occlusion_is_checked_before_the_first_evaluation(data_dir, tmp_path):
+    import train
+    import validate
+    from conftest import train_args
+    train.main(train_args(data_dir, tmp_path, 'big', 'mixup_cutmix', 1, '--img-size', '32', '--mask-cell', '16'))
+    train.main(train_args(data_dir, tmp_path, 'small', 'mixup_cutmix', 1))   # 16 px: 16 patches of 4 px
+    big, small = (str(tmp_path / name / 'last.pth.tar') for name in ('big', 'small'))
+    with pytest.raises(SystemExit) as err:   # 0.05 drops 3 of 64 patches at 32 px, none of 16 at 16 px
+        validate.main(['--checkpoint', big, small, '--occlusion', '0.05', '--occlusion-patch', '4',
+                       '--workers', '0', '--device', 'cpu', '--results-file', str(tmp_path / 'results.json')])
+    assert small in str(err.value) and 'drops none' in str(err.value)
+    assert not (tmp_path / 'results.json').exists()   # refused before the first checkpoint was evaluated
+
+
+@pytest.mark.slow
+def test_robustness_reads_the_data_folder_from_the_checkpoint(data_dir, tmp_path):
+    import importlib.util
+    import train
+    from conftest import train_args
+    spec = importlib.util.spec_from_file_location('robustness', 'scripts/robustness.py')
+    robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness)
+    train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
+    table = robustness.main([str(tmp_path / 'run' / 'last.pth.tar'), '--occlusion', '0.5', '--occlusion-patch', '4',
+                             '--output', str(tmp_path / 'table.md'), '--workers', '0', '--device', 'cpu'])
+    assert (tmp_path / 'table.md').exists() and set(table[0][1]) == {'clean', 'occlusion 0.5'}
