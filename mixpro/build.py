@@ -93,7 +93,7 @@ def create_mixer(method: str, num_classes: int, token_size: int, *, seed: int, m
                  cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: Optional[float] = None,
                  smoothing: float = 0.1, maskmix_prob: float = 0.5, maskmix_alpha: float = 1.0,
                  mask_cell: int = 64, maskmix_lam: str = 'exact', membership: str = 'area',
-                 pal_smoothing: float = 0.1, pal_detach_alpha: bool = True,
+                 pal_smoothing: float = 0.0, pal_detach_alpha: bool = True,
                  compile_mixer: Optional[str] = None) -> Mixer:
     """The Mixer for a recipe's mixing options (named as the options are)."""
     try:
