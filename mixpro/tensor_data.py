@@ -177,7 +177,7 @@ class TensorEvalTransform:
         resize, crop, *_ = transforms_imagenet_eval(size, crop_pct=crop_pct, interpolation=interpolation,
                                                     use_prefetcher=True).transforms
         if not isinstance(resize, transforms.Resize) or not isinstance(crop, transforms.CenterCrop):
-            raise NotImplementedError(f'the tensor backend evaluates square images only, not {input_size}: '
+            raise NotImplementedError(f'the tensor backend evaluates square input sizes only, not {input_size}: '
                                       f'timm resizes others with {type(resize).__name__}')
         self.resize_size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
         self.interpolation = resize.interpolation
@@ -254,10 +254,11 @@ class _DecodingReader:
 
 
 def read_as_tensors(dataset):
-    """Make a timm ``ImageDataset`` (an ImageFolder or tar) hand its transform uint8 RGB tensors decoded by
-    ``decode_image``, decoded inside timm's skip-on-error loop: an unreadable file is skipped with timm's
-    warning (named by ``mixpro.skipped``), its neighbour stands in, and ``MeasuredSamples`` still marks the
-    substitute. Works before or after ``name_skipped_files``. Returns ``dataset``."""
+    """Make a timm ``ImageDataset`` whose reader hands over open files (ImageFolder; tar and hfds/ readers
+    do too) give its transform uint8 RGB tensors from ``decode_image``, decoded inside timm's skip-on-error
+    loop: an unreadable file is skipped with timm's warning (named by ``mixpro.skipped``), its neighbour
+    stands in, and ``MeasuredSamples`` still marks the substitute. Works before or after
+    ``name_skipped_files``. Returns ``dataset``."""
     if not hasattr(dataset, 'reader') or not hasattr(dataset, 'load_bytes'):
         raise TypeError(f'{type(dataset).__name__} is no timm ImageDataset: the tensor backend reads image files')
     dataset.load_bytes = True   # timm then calls .read() on the reader's items instead of Image.open
