@@ -94,6 +94,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--batch-size', '-b', type=int, default=128, help='per-process batch size')
     group.add_argument('--validation-batch-size', type=int, default=None)
     group.add_argument('--workers', '-j', type=int, default=4)
+    group.add_argument('--data-backend', default='pillow', choices=['pillow', 'tensor'],
+                       help='pillow: timm\'s transforms in the loader workers; tensor: the workers decode and crop '
+                            'with torch, RandAugment, normalisation and erasing run per sample on the device')
     group.add_argument('--pin-mem', action=flag, default=False)
 
     group = parser.add_argument_group('model')
@@ -409,10 +412,15 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
     if args.aa in ('none', ''):
         args.aa = None
     check_values(args, parser, check_machine)
-    if check_machine and args.amp and _device(args).type == 'cpu' and not given & {'--amp', '--amp-dtype'}:
+    on_cpu = check_machine and _device(args).type == 'cpu'
+    if on_cpu and args.amp and not given & {'--amp', '--amp-dtype'}:
         args.amp = False   # float16 autocast runs several times slower than float32 on a CPU
         _logger.info("note: the recipe's amp is off on the CPU, where autocast is slower than float32; "
                      "--amp turns it on")
+    if on_cpu and args.data_backend == 'tensor' and '--data-backend' not in given:
+        args.data_backend = 'pillow'   # on the CPU the device stage would run in the training process alone
+        _logger.info("note: the recipe's data_backend tensor is pillow on the CPU, where the loader workers "
+                     "augment in parallel; --data-backend tensor turns it on")
     return args
 
 

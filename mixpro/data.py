@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from timm.data import create_dataset, create_transform
+from timm.data.auto_augment import RandAugment
 from torchvision import transforms
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
@@ -41,6 +42,8 @@ from timm.utils.misc import natural_key
 from .config import ConfigError, first_line
 from .distributed import DistInfo
 from .skipped import measured, name_skipped_files
+from .tensor_augment import RandAugmentParams, unsupported_reason
+from .tensor_data import DeviceAugmentLoader, TensorEvalTransform, TensorTrainTransform, read_as_tensors, tensor_collate
 
 _IMAGE_EXTENSIONS = get_img_extensions(as_set=True)
 
@@ -428,7 +431,9 @@ def _start_forkserver() -> None:
 
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     """timm's training transforms, random erasing and repeated-aug / distributed order, with the
-    resumable ``EpochSampler``; on CUDA timm's prefetcher normalises and erases on the device."""
+    resumable ``EpochSampler``. ``--data-backend pillow``: timm's Pillow transforms in the workers (on CUDA
+    timm's prefetcher normalises and erases on the device); ``tensor``: the workers decode, crop and flip
+    uint8 tensors and draw RandAugment's parameters, the device augments (``DeviceAugmentLoader``)."""
     aug_repeats = args.aug_repeats
     if aug_repeats and not dist_info.distributed:
         # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
@@ -439,15 +444,29 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
                      f'a stream: training without it')
         aug_repeats = 0
     prefetch = dist_info.device.type == 'cuda'
-    dataset.transform = _with_rgb(dataset, create_transform(
+    transform = create_transform(
         data_config['input_size'], is_training=True, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch))
-    if is_stream(dataset):
-        loader = _stream_train_loader(dataset, args, dist_info, prefetch)
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
+    tensor = args.data_backend == 'tensor' and _tensor_backend_can_train(args, transform)
+    if tensor:
+        read_as_tensors(dataset)
+        dataset.transform = TensorTrainTransform(
+            data_config['input_size'], scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+            interpolation=args.train_interpolation,
+            aug_params=RandAugmentParams(_rand_augment_of(transform)) if args.aa else None)
+        collate = tensor_collate
     else:
-        loader = _indexed_train_loader(dataset, args, dist_info, prefetch, aug_repeats)
+        dataset.transform = _with_rgb(dataset, transform)
+        collate = fast_collate if prefetch else None
+    if is_stream(dataset):
+        loader = _stream_train_loader(dataset, args, dist_info, collate)
+    else:
+        loader = _indexed_train_loader(dataset, args, dist_info, collate, aug_repeats)
+    if tensor:
+        return DeviceAugmentLoader(loader, data_config['mean'], data_config['std'], dist_info.device,
+                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
     if prefetch:
         loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
                                 device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
@@ -455,7 +474,37 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     return loader
 
 
-def _indexed_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool, aug_repeats: int):
+def _rand_augment_of(transform):
+    """timm's RandAugment inside its train transform (None without one): parsed and set up by timm itself."""
+    return next((t for t in getattr(transform, 'transforms', []) if isinstance(t, RandAugment)), None)
+
+
+def _tensor_backend_can_train(args, transform) -> bool:
+    """Whether the tensor backend does what these options ask; where not, a note names the option and the
+    run trains with Pillow."""
+    why = None
+    if args.dataset:
+        why = f'--dataset {args.dataset}: it reads ImageFolder files'
+    elif args.color_jitter and not (args.aa and '3a' not in args.aa):   # timm jitters colour without RandAugment
+        why = f'--color-jitter {args.color_jitter} (colour jitter runs on Pillow only)'
+    elif args.aa:
+        rand_augment = _rand_augment_of(transform)
+        why = f'--aa {args.aa}: {unsupported_reason(args.aa) or "not a RandAugment policy"}' \
+            if rand_augment is None else _params_refusal(args.aa, rand_augment)
+    if why:
+        _logger.info(f'note: --data-backend tensor cannot train with {why}; training with pillow')
+    return why is None
+
+
+def _params_refusal(aa: str, rand_augment) -> Optional[str]:
+    try:
+        RandAugmentParams(rand_augment)
+    except ValueError as err:
+        return f'--aa {aa}: {err}'
+    return None
+
+
+def _indexed_train_loader(dataset, args, dist_info: DistInfo, collate, aug_repeats: int):
     if aug_repeats:
         order = RepeatAugSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                  num_repeats=aug_repeats)
@@ -464,11 +513,10 @@ def _indexed_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool, au
             dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
     sampler = EpochSampler(order, args.batch_size, args.seed, dist_info.rank)
     return _data_loader(SeededSamples(dataset), args.workers, args.pin_mem, dist_info.device,
-                        batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=fast_collate if prefetch else None)
+                        batch_size=args.batch_size, sampler=sampler, drop_last=True, collate_fn=collate)
 
 
-def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
+def _stream_train_loader(dataset, args, dist_info: DistInfo, collate):
     """timm's ReaderWds deals the shards, reshuffled every epoch (``set_loader_epoch``), to the
     world_size x workers readers; each reader yields the same whole number of batches (repeating or cutting
     its shards: timm's ``with_epoch``), so every rank has ``len(loader)`` batches. A reader without a shard
@@ -486,7 +534,7 @@ def _stream_train_loader(dataset, args, dist_info: DistInfo, prefetch: bool):
     reader.batch_size = args.batch_size
     _prepare_stream(dataset, workers)
     return _data_loader(dataset, workers, args.pin_mem, dist_info.device, batch_size=args.batch_size,
-                        drop_last=True, collate_fn=fast_collate if prefetch else None)
+                        drop_last=True, collate_fn=collate)
 
 
 def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
@@ -500,15 +548,22 @@ def set_loader_epoch(loader, epoch: int, start_batch: int = 0) -> None:
 
 
 def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_info: DistInfo, pin_mem=False,
-                prefetch: Optional[bool] = None):
+                prefetch: Optional[bool] = None, data_backend: str = 'pillow'):
     """Deterministic eval loader; under DDP each rank reads a disjoint shard (see ShardSampler). With
-    ``prefetch`` (default: on CUDA) workers hand over uint8 images and timm's prefetcher normalises them on
-    the device while the previous batch is evaluated, as in training."""
-    prefetch = dist_info.device.type == 'cuda' if prefetch is None else prefetch
-    dataset.transform = _with_rgb(dataset, create_transform(
-        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
-        use_prefetcher=prefetch))
+    ``prefetch`` (default: on CUDA, and always for the tensor backend) workers hand over uint8 images and
+    timm's prefetcher normalises them on the device while the previous batch is evaluated, as in training.
+    ``data_backend`` tensor: torch decodes, resizes and crops ImageFolder files (others: Pillow)."""
+    tensor = data_backend == 'tensor' and hasattr(dataset, 'load_bytes')
+    prefetch = tensor or (dist_info.device.type == 'cuda' if prefetch is None else prefetch)
+    if tensor:
+        read_as_tensors(dataset)
+        dataset.transform = TensorEvalTransform(data_config['input_size'], data_config['crop_pct'],
+                                                data_config['interpolation'])
+    else:
+        dataset.transform = _with_rgb(dataset, create_transform(
+            data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+            mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+            use_prefetcher=prefetch))
     sampler = None
     if is_stream(dataset):
         workers = _deal_eval_shards(dataset, workers, dist_info)

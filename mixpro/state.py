@@ -23,6 +23,7 @@ _logger = logging.getLogger(__name__)
 
 # options that may change between a run and its resumption; any other difference is another run
 RESUMABLE_CHANGES = {'resume', 'epochs', 'output', 'experiment', 'config', 'data_dir', 'workers', 'pin_mem',
+                     'data_backend',   # the same augmentation, computed elsewhere
                      'device', 'log_interval', 'image_grid_interval', 'validation_batch_size',
                      'checkpoint_hist', 'val_interval', 'torchcompile', 'torchcompile_mode', 'compile_mixer',
                      'channels_last', 'grad_checkpointing', 'recovery_interval', 'log_wandb', 'wandb_project',

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Tuple, Union
 import PIL
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_eval
 from torch.utils.data import default_collate
@@ -36,6 +37,7 @@ from torchvision.transforms.functional import _compute_resized_output_size
 from torchvision.transforms.v2 import functional as F
 
 from .skipped import _RememberingReader
+from .tensor_augment import apply_rand_augment
 
 _JPEG_START = b'\xff\xd8\xff'
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -267,3 +269,41 @@ def read_as_tensors(dataset):
     if not isinstance(owner.reader, _DecodingReader):
         owner.reader = _DecodingReader(owner.reader)
     return dataset
+
+
+class DeviceAugmentLoader:
+    """The tensor backend's device stage around a loader of ``tensor_collate`` batches: each batch moved to
+    ``device`` (pinned memory, no wait), RandAugment applied per sample from the worker-drawn parameters,
+    then timm's prefetcher's work: normalisation and random erasing. Yields ``(float images, targets)``.
+    On the CPU it runs in the training process. The parameters were drawn in the workers from each
+    sample's seeded generators, so a resumed run augments as an uninterrupted one does."""
+
+    def __init__(self, loader, mean, std, device: torch.device, re_prob: float = 0.0, re_mode: str = 'pixel',
+                 re_count: int = 1):
+        self.loader, self.device = loader, torch.device(device)
+        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=self.device).view(1, 3, 1, 1)
+        self.random_erasing = RandomErasing(probability=re_prob, mode=re_mode, max_count=re_count,
+                                            device=self.device) if re_prob > 0 else None
+
+    def __iter__(self):
+        for images, targets, *params in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if params:
+                images = apply_rand_augment(images, params[0])   # its parameters stay on the CPU
+            images = images.float().sub_(self.mean).div_(self.std)
+            if self.random_erasing is not None:
+                images = self.random_erasing(images)
+            yield images, targets
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset

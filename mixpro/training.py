@@ -254,7 +254,7 @@ def build_loaders(args, train_set, val_set, data_config: dict, dist_info: DistIn
         raise ConfigError(f'{split} has {dataset_size(train_set)} images, fewer than '
                           f'one batch of {args.batch_size} per process: lower --batch-size')
     val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
-                             args.workers, dist_info, args.pin_mem)
+                             args.workers, dist_info, args.pin_mem, data_backend=args.data_backend)
     return loader, val_loader
 
 

@@ -274,7 +274,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     if real_labels:   # the model, also counting ReaL hits of each image (by its file name)
         model = RealLabelScorer(model, real_label_sets(dataset, read_real_labels(real_labels), real_labels))
     data_config = _data_config(args, loaded)
-    loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
+    loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info,   # as the run evaluated
+                         data_backend=run.get('data_backend', 'pillow'))
     split = f'{dataset_name}:{split_name}' if dataset_name else str(Path(data_dir) / split_name)
     return loader, model, data_config, split
 
@@ -357,14 +358,16 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     amp = autocast(dist_info.device, amp_dtype)
     confidence = {}
     for name, dataset in datasets.items():
-        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info)
+        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info,   # as the run evaluated
+                         data_backend=run.get('data_backend', 'pillow'))
         try:
             confidence[name] = gather_cat(max_softmax(model, loader, dist_info.device, amp))
         finally:
             stop_workers(loader)
     measures = ood_measures(confidence['in'], confidence['ood'])
     _logger.info(f"{loaded.options['model']} {option} {root}: AUPR {measures['aupr']:.2f}  "
-                 f"AUROC {measures['auroc']:.2f}  ({measures['ood_images']} out-of-distribution, {measures['in_images']} images of "
+                 f"AUROC {measures['auroc']:.2f}  ({measures['ood_images']} out-of-distribution, "
+                 f"{measures['in_images']} images of "
                  f"{Path(data_dir) / split} in its {len(classes)} classes)")
     return measures
 
