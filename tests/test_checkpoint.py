@@ -17,7 +17,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
             handle.truncate(10)                     # half-written file
         raise OSError('disk full')
     monkeypatch.setattr(checkpoint.torch, 'save', torn_save)
-    with pytest.raises(CheckpointError, match='could not write .*last.pth.tar .*disk full'):
+    with pytest.raises(CheckpointError, match='last.pth.tar.*disk full'):
         atomic_save({'epoch': 2}, path)
     state = load_checkpoint(path)
     assert state['epoch'] == 1 and torch.equal(state['w'], torch.ones(3))
@@ -27,12 +27,14 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 def test_unreadable_checkpoint_is_named(tmp_path):
     bad = tmp_path / 'bad.pth.tar'
     bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='bad.pth.tar cannot be read: it is not a file torch.save wrote'):
+    with pytest.raises(CheckpointError, match='bad.pth.tar cannot be read') as err:
         load_checkpoint(bad)
+    assert 'not a file torch.save wrote' in str(err.value)
     torch.save({'epoch': 1}, bad)
     bad.write_bytes(bad.read_bytes()[:40])                    # torn: torch's own reason names what is wrong
-    with pytest.raises(CheckpointError, match='bad.pth.tar cannot be read: (?!it is not a file)'):
+    with pytest.raises(CheckpointError, match='bad.pth.tar cannot be read') as err:
         load_checkpoint(bad)
+    assert 'not a file torch.save wrote' not in str(err.value)
 
 
 def test_keeper_keeps_the_best_k_and_model_best(tmp_path):

@@ -75,7 +75,8 @@ def test_a_full_disk_is_named_and_keeps_the_old_checkpoint(tmp_path, monkeypatch
     def full_disk(obj, f):
         raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 2028288 vs 2028180')
     monkeypatch.setattr(checkpoint.torch, 'save', full_disk)
-    with pytest.raises(CheckpointError, match='could not write .*last.pth.tar \\(disk full or over quota\\?\\)'):
+    with pytest.raises(CheckpointError, match='could not write .*last.pth.tar') as err:
         atomic_save({'epoch': 2}, tmp_path / 'last.pth.tar')
+    assert 'disk full' in str(err.value) and 'over quota' in str(err.value)
     assert load_checkpoint(tmp_path / 'last.pth.tar')['epoch'] == 1
     assert [p.name for p in tmp_path.iterdir()] == ['last.pth.tar']

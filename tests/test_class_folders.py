@@ -38,7 +38,7 @@ def test_a_stray_image_in_the_split_folder_is_no_class(own_data, capsys):
 def test_an_empty_class_folder_is_an_error_before_training(own_data, tmp_path, split):
     for image in (own_data / split / 'class1').iterdir():
         image.unlink()
-    with pytest.raises(SystemExit, match=f'class folder .*{split}/class1 holds no images'):
+    with pytest.raises(SystemExit, match=f'{split}/class1 holds no images'):
         train.main(train_args(own_data, tmp_path / 'out', 'empty', 'mixpro', 1))
     assert not list((tmp_path / 'out' / 'empty').glob('*.pth.tar'))
 
@@ -60,9 +60,10 @@ def test_class_map_file_sets_labels_and_selects_classes(own_data, tmp_path):
     state = load_state(tmp_path / 'out' / 'mapped' / 'last.pth.tar')
     assert state['num_classes'] == 2 and state['class_to_idx'] == {'class2': 0, 'class0': 1}
     (own_data / 'bad.txt').write_text('class7\n')
-    with pytest.raises(SystemExit, match="--class-map .*bad.txt names 1 class.*'class7'"):
+    with pytest.raises(SystemExit, match='bad.txt names 1 class') as err:
         train.main([*train_args(own_data, tmp_path / 'out', 'bad', 'mixpro', 1), '--class-map',
                     str(own_data / 'bad.txt')])
+    assert '--class-map' in str(err.value) and "'class7'" in str(err.value)
 
 
 def _truncate(image: Path) -> Path:

@@ -35,21 +35,21 @@ def test_base_recipe_is_inherited_and_overridden(tmp_path):
 
 
 @pytest.mark.parametrize('text,message', [
-    ('bach_size: 64\n', "unknown key 'bach_size'; did you mean 'batch_size'"),
-    ('mixpro_prob: 0.5\n', "unknown key 'mixpro_prob'; did you mean 'mixup_prob'"),
+    ('bach_size: 64\n', "unknown key 'bach_size'.*'batch_size'"),
+    ('mixpro_prob: 0.5\n', "unknown key 'mixpro_prob'.*'mixup_prob'"),
     ('lr: fast\n', "key 'lr' expects float, got str 'fast'"),
     ('epochs: 1.5\n', "key 'epochs' expects int"),
     ('model_ema: 1\n', "key 'model_ema' expects true or false"),
     ('scale: 0.5\n', "key 'scale' expects a list of float"),
     ('scale: [0.1, 0.5, 1.0]\n', "key 'scale' expects 2 values"),
-    ('mix_method: cutmixup\n', "key 'mix_method' expects one of mixup_cutmix, transmix, maskmix, mixpro"),
-    ('sched: cosin\n', "key 'sched' expects one of cosine, tanh"),                    # timm's scheduler names
-    ('train_interpolation: foo\n', "key 'train_interpolation' expects one of random, bilinear"),
+    ('mix_method: cutmixup\n', "'mix_method' expects one of .*mixpro"),
+    ('sched: cosin\n', "'sched' expects one of .*cosine, tanh"),                    # timm's scheduler names
+    ('train_interpolation: foo\n', "'train_interpolation'.*random, bilinear"),
     ('- lr\n', 'must be a mapping'),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
     recipe = write(tmp_path, text)
-    with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')):
+    with pytest.raises(ConfigError, match=message):
         parse_train_args(['--config', recipe])
 
 
@@ -80,9 +80,9 @@ def test_yaml_quirks_read_as_the_command_line_would(tmp_path):
 
 def test_a_model_that_does_not_take_rgb_is_refused_before_the_first_step(tmp_path):
     import validate
-    with pytest.raises(ConfigError, match='in_chans=1: the data pipeline gives 3-channel'):
+    with pytest.raises(ConfigError, match='in_chans=1: .*3-channel'):
         parse_train_args(['--model-kwargs', 'in_chans=1', '--output', str(tmp_path)])
-    with pytest.raises(SystemExit, match='in_chans=4: the data pipeline gives 3-channel'):
+    with pytest.raises(SystemExit, match='in_chans=4: .*3-channel'):
         validate.main(['--model', 'resnet18', '--pretrained', '--model-kwargs', 'in_chans=4'])
     assert parse_train_args(['--model-kwargs', 'in_chans=3', '--output', str(tmp_path)]).model_kwargs == {
         'in_chans': 3}
@@ -92,11 +92,12 @@ def test_a_model_that_does_not_take_rgb_is_refused_before_the_first_step(tmp_pat
 
 def test_lr_base_beside_an_absolute_lr_is_refused_not_ignored(tmp_path):
     recipe = write(tmp_path, 'lr: 0.002\n')
-    with pytest.raises(ConfigError, match=r'--lr-base would change nothing: the recipe .*recipe.yaml sets the '
-                                          r'absolute lr 0.002'):
+    with pytest.raises(ConfigError, match='--lr-base would change nothing') as err:
         parse_train_args(['--config', recipe, '--lr-base', '5e-4', '--output', str(tmp_path)])
-    with pytest.raises(ConfigError, match='--lr-base-size would change nothing: --lr sets'):
+    assert 'recipe.yaml' in str(err.value) and 'lr 0.002' in str(err.value)
+    with pytest.raises(ConfigError, match='--lr-base-size would change nothing') as err:
         parse_train_args(['--lr', '1e-3', '--lr-base-size=256', '--output', str(tmp_path)])
+    assert '--lr sets' in str(err.value)
     assert parse_train_args(['--config', recipe, '--lr', '1e-3', '--output', str(tmp_path)]).lr == 1e-3
     assert parse_train_args(['--lr-base', '1e-3', '--output', str(tmp_path)]).lr_base == 1e-3
     unset = parse_train_args(['--config', recipe, '--lr', 'none', '--lr-base', '1e-3', '--output', str(tmp_path)])
@@ -156,23 +157,25 @@ def test_unset_and_boundary_values_are_accepted():
 @pytest.mark.parametrize('key,meant', [('learning_rate', 'lr'), ('num_workers', 'workers'),
                                        ('output_dir', 'output'), ('ema', 'model_ema')])
 def test_names_from_other_codebases_suggest_ours(tmp_path, key, meant):
-    with pytest.raises(ConfigError, match=f"unknown key '{key}'; did you mean '{meant}'"):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'.*'{meant}'"):
         parse_train_args(['--config', write(tmp_path, f'{key}: 1\n')])
 
 
 def test_unknown_flags_suggest_ours():
-    with pytest.raises(ConfigError, match='unknown option --learning-rate; did you mean --lr[?]'):
+    with pytest.raises(ConfigError, match='unknown option --learning-rate') as err:
         parse_train_args(['--learning-rate', '0.001'])
-    with pytest.raises(ConfigError, match='unknown option --bach-size; did you mean --batch-size[?]'):
+    assert '--lr?' in str(err.value)
+    with pytest.raises(ConfigError, match='unknown option --bach-size') as err:
         parse_train_args(['--bach-size=4'])
+    assert '--batch-size?' in str(err.value)
 
 
 def test_output_that_is_a_file_is_an_error(tmp_path):
     file = tmp_path / 'good.pth.tar'
     file.write_text('')
-    with pytest.raises(ConfigError, match=re.escape(f'--output {file} is a file, not a folder')):
+    with pytest.raises(ConfigError, match=re.escape(f'--output {file} is a file')):
         parse_train_args(['--output', str(file)])
-    with pytest.raises(ConfigError, match=re.escape(f'{file} is a file, not a folder')):
+    with pytest.raises(ConfigError, match=re.escape(f'{file} is a file')):
         parse_train_args(['--output', str(file / 'runs')])
     (tmp_path / 'runs').mkdir()
     (tmp_path / 'runs' / 'exp').write_text('')
@@ -183,9 +186,9 @@ def test_output_that_is_a_file_is_an_error(tmp_path):
 
 def test_cuda_device_without_cuda_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    with pytest.raises(ConfigError, match=re.escape(
-            '--device cuda: no CUDA device is available on this machine (use --device cpu)')):
+    with pytest.raises(ConfigError, match='--device cuda: no CUDA device') as err:
         parse_train_args(['--device', 'cuda'])
+    assert 'use --device cpu' in str(err.value)
     with pytest.raises(ConfigError, match="--device 'gpu' is not a device"):
         parse_train_args(['--device', 'gpu'])
     assert parse_train_args(['--device', 'cpu']).device == 'cpu'
@@ -198,11 +201,11 @@ def test_class_map_option(tmp_path):
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode max-autotune needs --torchcompile'),
+    (['--torchcompile-mode', 'max-autotune'], 'max-autotune needs --torchcompile'),
     (['--torchcompile', 'aot_eager', '--torchcompile-mode', 'max-autotune'], 'aot_eager would ignore it'),
-    (['--torchcompile', '--torchcompile-mode', 'fastest'], "fastest: inductor's modes are default, .*max-autotune"),
-    (['--torchcompile', 'nope'], '--torchcompile nope is not a torch.compile backend; this torch has: .*inductor'),
-    (['--compile-mixer', 'nope'], '--compile-mixer nope is not a torch.compile backend'),
+    (['--torchcompile', '--torchcompile-mode', 'fastest'], "fastest: inductor's modes .*max-autotune"),
+    (['--torchcompile', 'nope'], '--torchcompile nope .*backend.*inductor'),
+    (['--compile-mixer', 'nope'], '--compile-mixer nope .*backend'),
 ])
 def test_compile_settings_that_would_fail_later_or_do_nothing_are_refused(flags, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,8 +8,9 @@ from conftest import STEPS, load_state, nan_loss_at, read_summary, train_args
 
 def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, monkeypatch):
     nan_loss_at(monkeypatch, STEPS + 2)
-    with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 2/4'):
+    with pytest.raises(SystemExit, match='loss is not finite') as err:
         train.main(train_args(data_dir, tmp_path, 'nan', 'transmix', 3))
+    assert 'epoch 1 step 2/4' in str(err.value)
     run_dir = tmp_path / 'nan'
     last = load_state(run_dir / 'last.pth.tar')
     assert last['epoch'] == 0 and all(torch.isfinite(t).all() for t in last['state_dict'].values())
@@ -56,9 +57,10 @@ def test_recovery_saves_survive_a_hard_crash_and_the_resumed_run_is_bit_exact(da
 
 def test_a_recovery_save_never_holds_non_finite_weights(data_dir, tmp_path, monkeypatch):
     nan_loss_at(monkeypatch, STEPS + 1)
-    with pytest.raises(SystemExit, match=r'loss is not finite \(NaN or inf\) at epoch 1 step 1/4'):
+    with pytest.raises(SystemExit, match='loss is not finite') as err:
         train.main(train_args(data_dir, tmp_path, 'nan', 'mixpro', 2, '--recovery-interval', '1',
                               '--log-interval', '0'))
+    assert 'epoch 1 step 1/4' in str(err.value)
     run_dir = tmp_path / 'nan'
     assert not (run_dir / 'interrupted.pth.tar').exists()
     assert load_state(run_dir / 'last.pth.tar')['epoch'] == 0

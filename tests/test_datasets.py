@@ -104,16 +104,17 @@ def test_grayscale_fashion_mnist_becomes_rgb(tmp_path):
 
 
 def test_missing_data_is_one_line_and_nothing_is_downloaded(tmp_path):
-    with pytest.raises(SystemExit, match=r'--dataset torch/cifar10 \(train\) under .*empty: Dataset not found'
-                                         r'.*--dataset-download fetches it'):
+    with pytest.raises(SystemExit, match='--dataset torch/cifar10 .*empty') as err:
         train.main(cifar_args(tmp_path / 'empty', tmp_path, 'torch/cifar10'))
+    message = str(err.value)
+    assert '(train)' in message and 'Dataset not found' in message and '--dataset-download' in message
     assert not any((tmp_path / 'empty').glob('**/*.tar.gz'))
 
 
 @pytest.mark.parametrize('name,message', [
-    ('tfds/imagenet2012', r'streaming datasets \(tfds/, hfids/\) are not supported'),
-    ('hfids/cifar100', 'streaming datasets .* are not supported'),
-    ('hfds/cifar100', "needs the 'datasets' package: pip install datasets"),
+    ('tfds/imagenet2012', 'streaming datasets .*not supported'),
+    ('hfids/cifar100', 'streaming datasets .*not supported'),
+    ('hfds/cifar100', 'pip install datasets'),
     ('torch/nonsense', r'Unknown torchvision dataset nonsense$'),   # no download hint: the name is wrong
 ])
 def test_unsupported_or_unavailable_datasets_are_one_line(tmp_path, name, message):
@@ -166,5 +167,5 @@ def test_class_map_with_a_named_dataset_is_refused_not_ignored(tmp_path, dataset
     (tmp_path / 'map.txt').write_text('3\n1\n')
     args = Namespace(data_dir=str(tmp_path), dataset=dataset, dataset_download=False,
                      class_map=str(tmp_path / 'map.txt'))
-    with pytest.raises(ConfigError, match=f'--class-map names ImageFolder class folders; --dataset {dataset}.*{how}'):
+    with pytest.raises(ConfigError, match=f'--class-map .*--dataset {dataset}.*{how}'):
         build_dataset(args, 'train', is_training=True)

@@ -44,7 +44,7 @@ def test_new_head_and_resized_pos_embed_keep_the_body_weights(source, four_class
     line = load_initial_weights(model, args, is_primary=True)
     assert capsys.readouterr().out.strip() == line
     assert 'pos_embed resized 4x4 -> 6x6' in line
-    assert 'head.weight/head.bias re-initialised (3 -> 4 classes)' in line and '0 missing' in line
+    assert 'head.weight/head.bias re-initialised' in line and '3 -> 4 classes' in line and '0 missing' in line
     assert torch.equal(model.state_dict()[BODY], src[BODY])
     assert torch.equal(model.head.weight, fresh_head)            # the new head keeps its fresh init
     assert model.pos_embed.shape == (1, 1 + 36, 32)
@@ -88,7 +88,8 @@ def test_pretrained_without_network_is_one_line_naming_the_model(data_dir, tmp_p
     assert message.startswith('error: --pretrained: ') and '\n' not in message
     assert 'deit_tiny_patch16_224' in message and '--initial-checkpoint' in message
     # the wait for the hub's retries is explained before it starts (nothing cached here)
-    assert 'fetching timm\'s weights for deit_tiny_patch16_224 from the Hugging Face Hub' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fetching timm's weights" in out and 'Hugging Face Hub' in out
 
 
 def test_pretrained_weights_are_fitted_like_a_file(monkeypatch):
@@ -97,7 +98,7 @@ def test_pretrained_weights_are_fitted_like_a_file(monkeypatch):
     args = parse_train_args(['--model', 'deit_tiny_patch16_224', '--img-size', '32', '--pretrained'])
     model = build_model(args, 4)
     line = load_initial_weights(model, args, is_primary=False)
-    assert line.startswith("initial weights from timm's pretrained deit_tiny_patch16_224.fb_in1k: ")
+    assert line.startswith('initial weights') and "timm's pretrained" in line and '.fb_in1k' in line
     assert 'pos_embed resized 14x14 -> 2x2' in line and 're-initialised (1000 -> 4 classes)' in line
     assert torch.equal(model.state_dict()[BODY], published[BODY])
 
@@ -108,14 +109,15 @@ def test_weights_of_another_architecture_are_an_error_naming_the_file(data_dir, 
     with pytest.raises(SystemExit) as exc:
         train.main(train_args(data_dir, tmp_path, 'other', 'mixpro', 1, '--initial-checkpoint', str(path)))
     message = str(exc.value)
-    assert message.startswith(f'error: {path} does not fit model deit_tiny_patch16_224: only 0 of the model\'s ')
-    assert '\n' not in message
+    assert message.startswith(f'error: {path} ') and '\n' not in message
+    assert 'does not fit model deit_tiny_patch16_224' in message and 'only 0 of' in message
 
 
 def test_missing_file_and_both_options_are_errors(data_dir, tmp_path):
     missing = str(tmp_path / 'nowhere.pth')
-    with pytest.raises(SystemExit, match='error: --initial-checkpoint .*nowhere.pth does not exist'):
+    with pytest.raises(SystemExit, match='error: --initial-checkpoint .*nowhere.pth') as err:
         train.main(train_args(data_dir, tmp_path, 'a', 'mixpro', 1, '--initial-checkpoint', missing))
+    assert 'does not exist' in str(err.value)
     args = parse_train_args(['--pretrained', '--initial-checkpoint', 'x.pth'])
     with pytest.raises(ConfigError, match='choose one'):
         load_initial_weights(None, args)

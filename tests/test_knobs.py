@@ -99,20 +99,19 @@ def test_opt_kwargs_reach_the_optimizer(data_dir, tmp_path):
     assert all('max_exp_avg_sq' in s for s in saved['state'].values())     # AMSGrad's own state
 
 
-@pytest.mark.parametrize('extra,message', [
-    (['--opt-kwargs', 'foo=1'], "--opt-kwargs foo=1: optimizer 'adamw' has no argument 'foo'"),
-    (['--opt', 'sgd', '--opt-kwargs', 'amsgrad=True'],
-     "--opt-kwargs amsgrad=True: optimizer 'sgd' has no argument 'amsgrad'"),
-    (['--opt-kwargs', 'betas=(2,0.9)'], "--opt-kwargs betas=(2, 0.9): optimizer 'adamw' refused them: Invalid beta"),
-    (['--opt-kwargs', 'lr=0.1'], 'lr has its own option, use --lr'),
-    (['--opt-kwargs', 'betas=(0.9,0.95)', '--opt-betas', '0.9', '0.99'], 'both set the betas'),
-    (['--opt', 'nope'], '--opt nope: Optimizer nope not found'),
+@pytest.mark.parametrize('extra,phrases', [
+    (['--opt-kwargs', 'foo=1'], ('--opt-kwargs foo=1', "'adamw' has no argument 'foo'")),
+    (['--opt', 'sgd', '--opt-kwargs', 'amsgrad=True'], ('--opt-kwargs amsgrad=True', "'sgd' has no argument")),
+    (['--opt-kwargs', 'betas=(2,0.9)'], ('--opt-kwargs betas=(2, 0.9)', "'adamw' refused", 'Invalid beta')),
+    (['--opt-kwargs', 'lr=0.1'], ('lr has its own option', 'use --lr')),
+    (['--opt-kwargs', 'betas=(0.9,0.95)', '--opt-betas', '0.9', '0.99'], ('both set the betas',)),
+    (['--opt', 'nope'], ('--opt nope', 'Optimizer nope not found')),
 ])
-def test_a_bad_optimizer_argument_is_one_line_naming_it(data_dir, tmp_path, extra, message):
+def test_a_bad_optimizer_argument_is_one_line_naming_it(data_dir, tmp_path, extra, phrases):
     with pytest.raises(SystemExit) as failed:
         train.main(train_args(data_dir, tmp_path, 'bad', 'mixup_cutmix', 1, *extra))
     text = str(failed.value.code)
-    assert text.startswith('error: ') and message in text and '\n' not in text, text
+    assert text.startswith('error: ') and all(p in text for p in phrases) and '\n' not in text, text
     assert not list((tmp_path / 'bad').glob('*.pth.tar'))
 
 
@@ -249,9 +248,10 @@ def test_grad_checkpointing_reads_the_attention_once_per_step(data_dir, tmp_path
 def test_grad_checkpointing_on_a_model_without_it_is_one_line(monkeypatch):
     model = torch.nn.Linear(3, 3)
     monkeypatch.setattr(training.timm, 'create_model', lambda *a, **k: model)
-    with pytest.raises(training.ConfigError, match="--grad-checkpointing: model 'linear' cannot recompute"):
+    with pytest.raises(training.ConfigError, match="--grad-checkpointing: model 'linear'") as err:
         training.build_model(Namespace(model='linear', model_kwargs={}, drop=0.0, drop_path=0.0, img_size=None,
                                        grad_checkpointing=True), 3)
+    assert 'cannot recompute' in str(err.value)
 
 
 def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_attention(monkeypatch):
@@ -291,5 +291,6 @@ def test_torchcompile_mode_reaches_torch_compile_and_a_bad_one_is_named(monkeypa
     monkeypatch.setattr(torch, 'compile', recording_compile)
     training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='max-autotune'), DistInfo())
     assert seen == {'backend': 'inductor', 'mode': 'max-autotune'}
-    with pytest.raises(training.ConfigError, match='--torchcompile inductor --torchcompile-mode fastest: .*mode=fastest'):
+    with pytest.raises(training.ConfigError, match='--torchcompile-mode fastest') as err:
         training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='fastest'), DistInfo())
+    assert 'mode=fastest' in str(err.value)

@@ -333,9 +333,9 @@ def test_a_compiler_that_fails_is_one_error_naming_the_option():
         raise RuntimeError('no C++ compiler found')
     mixer = Mixer('maskmix', num_classes=10, mask_cell=8, token_size=8, compile_backend=broken_compiler)
     mixer.cpu_in_place = False
-    with pytest.raises(MixerCompileError, match=r'\(--compile-mixer\) could not compile compose_maskmix: .*'
-                                                r'no C\+\+ compiler found'):
+    with pytest.raises(MixerCompileError, match='could not compile compose_maskmix') as err:
         mixer(torch.randn(4, 3, 16, 16), torch.arange(4))
+    assert '--compile-mixer' in str(err.value) and 'no C++ compiler found' in str(err.value)
 
 
 def test_the_compiled_mixer_takes_any_batch_size():

@@ -53,13 +53,14 @@ def test_a_summary_row_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
 def test_more_epochs_on_resume_stretch_the_schedule(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 2))
     train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 4))
-    assert '--epochs 2 -> 4: the lr schedule is stretched' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '--epochs 2 -> 4' in out and 'schedule is stretched' in out
     train.main(train_args(data_dir, tmp_path, 'fresh', 'mixup_cutmix', 4))
     stretched = [float(r['lr']) for r in read_summary(tmp_path / 'longer')]
     fresh = [float(r['lr']) for r in read_summary(tmp_path / 'fresh')]
     assert stretched[2:] == pytest.approx(fresh[2:])           # not min_lr: the 4-epoch cosine
     assert fresh[3] > 1e-5
-    info = yaml.safeload_state((tmp_path / 'longer' / 'run_info.yaml').read_text())
+    info = yaml.safe_load((tmp_path / 'longer' / 'run_info.yaml').read_text())
     assert len(info['resumes']) == 1 and info['resumes'][0]['from'].endswith('last.pth.tar')
     config = (tmp_path / 'longer' / 'config.yaml').read_text()
     train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 3))   # fewer: nothing to do
@@ -72,8 +73,9 @@ def test_resume_auto_refuses_to_start_over_when_no_checkpoint_can_be_read(data_d
     train.main(args)
     for path in (tmp_path / 'unreadable').glob('*.pth.tar'):
         path.write_bytes(b'damaged')
-    with pytest.raises(SystemExit, match='--resume auto: no checkpoint in .*unreadable can be read'):
+    with pytest.raises(SystemExit, match='no checkpoint in .*unreadable can be read') as err:
         train.main(args)
+    assert '--resume auto' in str(err.value)
     assert (tmp_path / 'unreadable' / 'last.pth.tar').read_bytes() == b'damaged'    # nothing overwritten
 
 
@@ -116,8 +118,8 @@ def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(d
     last = load_state(run_dir / 'last.pth.tar')
     assert [epoch for _, epoch in last['checkpoint_ranking']] == [2]       # not the first folder's epochs
     assert load_state(run_dir / 'model_best.pth.tar')['epoch'] == 2
-    assert yaml.safeload_state((run_dir / 'run_info.yaml').read_text())['from'] == str(source.resolve())
-    assert yaml.safeload_state((run_dir / 'config.yaml').read_text())['resume'] == 'auto'
+    assert yaml.safe_load((run_dir / 'run_info.yaml').read_text())['from'] == str(source.resolve())
+    assert yaml.safe_load((run_dir / 'config.yaml').read_text())['resume'] == 'auto'
     # relaunched from its config.yaml, the run goes on from its own folder (finished), not again from `first`
     written = (run_dir / 'last.pth.tar').stat().st_mtime_ns
     assert train.main(['--config', str(run_dir / 'config.yaml')])['epoch'] == 2
@@ -132,8 +134,9 @@ def test_resume_names_an_optimizer_state_that_does_not_fit_the_parameter_groups(
     groups = state['optimizer']['param_groups']   # one parameter moved to the other group, as a model
     groups[1]['params'].append(groups[0]['params'].pop())   # whose weight-decay exemptions changed
     atomic_save(state, last)
-    with pytest.raises(SystemExit, match="last.pth.tar: its optimizer state does not fit .*run_info.yaml"):
+    with pytest.raises(SystemExit, match='last.pth.tar: its optimizer state') as err:
         train.main(train_args(data_dir, tmp_path, 'groups', 'mixup_cutmix', 2))
+    assert 'does not fit' in str(err.value) and 'run_info.yaml' in str(err.value)
     assert load_state(last)['optimizer']['param_groups'][1]['params'] == groups[1]['params']   # left as it was
 
 
@@ -142,5 +145,5 @@ def test_resume_refuses_a_data_dir_whose_classes_differ(data_dir, tmp_path):
     other = make_image_folder(tmp_path / 'other', classes=3, train_per_class=12, val_per_class=6)
     (other / 'train' / 'class2').rename(other / 'train' / 'classX')
     (other / 'val' / 'class2').rename(other / 'val' / 'classX')
-    with pytest.raises(SystemExit, match='trained with other classes than .*other has'):
+    with pytest.raises(SystemExit, match='other classes than .*other has'):
         train.main(train_args(other, tmp_path, 'classes', 'mixup_cutmix', 2))

@@ -118,7 +118,7 @@ def test_own_class_subset(colour_model, tmp_path):
     with pytest.raises(SystemExit, match="needs the names of the model's classes"):   # 3 unnamed outputs
         validate.main([*common, '--class-subset', str(tmp_path / 'subset.txt')])
     (tmp_path / 'one.txt').write_text('class0\n')
-    with pytest.raises(SystemExit, match='class folder.*outside --class-subset.*class2'):
+    with pytest.raises(SystemExit, match='outside --class-subset.*class2'):
         validate.main([*common, '--class-map', str(tmp_path / 'names.txt'), '--class-subset', str(tmp_path / 'one.txt')])
 
 
@@ -220,13 +220,12 @@ def test_numbered_class_folders_label_their_output(colour_model, tmp_path, capsy
         for image in (root / 'val' / f'class{c}').iterdir():
             (tmp_path / 'v2' / str(c) / image.name).write_bytes(image.read_bytes())
     rows = validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
-    assert 'are numbers: each labels the output of that index' in capsys.readouterr().out
+    assert 'labels the output of that index' in capsys.readouterr().out
     assert rows[0]['samples'] == 24 and rows[0]['top1'] == 100.0
     (tmp_path / 'v2' / '3').mkdir()                                         # the model has 3 outputs: 0, 1, 2
-    with pytest.raises(SystemExit, match=r'v2 are numbers, .* 3 outputs: folder\(s\) 3 name no output'):
+    with pytest.raises(SystemExit, match='v2 are numbers, .* 3 outputs') as err:
         validate.main([*SMALL, '--checkpoint', str(weights), '--data-dir', str(tmp_path), '--split', 'v2'])
-
-
+    assert '3 name no output' in str(err.value)
 def test_occlusion_follows_dataset_indices_across_ranks():
     """Under DDP each rank reads a shard: an image gets the same patches as in a single process."""
     from mixpro.data import ShardSampler
@@ -255,7 +254,8 @@ def test_timm_training_checkpoint_and_safetensors(colour_model, tmp_path, capsys
     rows = validate.main([*SMALL, '--checkpoint', str(tmp_path / 'timm_train.pth.tar'),
                           str(tmp_path / 'colours.safetensors'), '--data-dir', str(root)])
     assert [r['top1'] for r in rows] == [100.0, 100.0] and rows[0]['loss'] == pytest.approx(rows[1]['loss'])
-    assert 'precision: float32 (the default for weights without a train.py run)' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'precision: float32' in out and 'without a train.py run' in out
 
 
 class _Brightness(torch.nn.Module):
@@ -303,13 +303,14 @@ def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path)
     measures = ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
     assert measures['aupr'] == pytest.approx(100 / 3) and measures['auroc'] == pytest.approx(50.0)
     shutil.rmtree(tmp_path / 'imagenet' / 'val' / wnids[1])             # val lacks one of ImageNet-O's classes
-    with pytest.raises(ConfigError, match=f'1 of its 3 classes have no folder in .*val, e.g. {wnids[1]}'):
+    with pytest.raises(ConfigError, match=f'1 of its 3 classes have no folder .*{wnids[1]}'):
         ood_detection(args, loaded, DistInfo(), str(tmp_path / 'imagenet-o'))
     with pytest.raises(ConfigError, match='--imagenet-o .*nowhere does not exist'):
         ood_detection(args, loaded, DistInfo(), str(tmp_path / 'nowhere'))
-    with pytest.raises(ConfigError, match='--imagenet-o .*: 1 of its 3 classes are not classes of the model'):
+    with pytest.raises(ConfigError, match='--imagenet-o .*1 of its 3 classes') as err:
         ood_detection(args, LoadedModel(_Brightness(), 'hand-made', model_args, dict(zip(wnids[:2], (0, 1))), False),
                       DistInfo(), str(tmp_path / 'imagenet-o'))
+    assert 'not classes of the model' in str(err.value)
 
 
 def test_ood_scores_of_every_rank_are_gathered(tmp_path):
@@ -346,6 +347,6 @@ def test_robustness_checks_its_folders_before_evaluating(colour_model, tmp_path,
     err = capsys.readouterr().err
     assert '--imagenet-o' in err and 'nowhere does not exist' in err
     (tmp_path / 'imagenet-o' / 'n01440764').mkdir(parents=True)     # a class the 3-colour model does not name
-    with pytest.raises(SystemExit, match='--imagenet-o .* needs the names of the model'):
+    with pytest.raises(SystemExit, match='--imagenet-o .*needs the names'):
         robustness.main([*common, '--imagenet-o', str(tmp_path / 'imagenet-o')])
     assert 'evaluating' not in capsys.readouterr().out and not out.exists()   # refused before any evaluation

@@ -12,7 +12,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_o
     run_dir.mkdir()
     holder = RunLock(run_dir)
     holder.acquire()
-    with pytest.raises(SystemExit, match=r'run is in use by another run \(pid \d+ on'):
+    with pytest.raises(SystemExit, match=r'run is in use by another run \(pid \d+'):
         train.main(train_args(data_dir, tmp_path, 'run', 'mixpro', 1))
     holder.release()
     assert not list(run_dir.glob('*.pth.tar'))
@@ -23,7 +23,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_o
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_folder_but_keeps_one_it_found(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="model 'no_such_model' is not a timm model"):
+    with pytest.raises(SystemExit, match="'no_such_model' is not a timm model"):
         train.main([*train_args(data_dir, tmp_path, 'new', 'mixpro', 1), '--model', 'no_such_model'])
     assert not (tmp_path / 'new').exists()
     (tmp_path / 'mine').mkdir()                               # made by the user: stays, even empty
@@ -35,7 +35,8 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder_but_keeps_one
 def test_resume_none_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1))
     before = load_state(tmp_path / 'kept' / 'last.pth.tar')['state_dict']
-    with pytest.raises(SystemExit, match='--resume none, but .*kept holds the checkpoints of an earlier run'):
+    with pytest.raises(SystemExit, match='--resume none') as err:
         train.main([*train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1), '--resume', 'none'])
+    assert 'kept holds the checkpoints' in str(err.value)
     after = load_state(tmp_path / 'kept' / 'last.pth.tar')['state_dict']
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -56,15 +56,16 @@ def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_pa
     assert len(commands) == 42 and all(c.endswith("--log-wandb --wandb-project 'table 1'") for c in commands)
     for run, _ in planned:
         assert "--log-wandb --wandb-project 'table 1'\n" in (tmp_path / f'{run}.sbatch').read_text()
-    with pytest.raises(SystemExit, match='refused with .*: unknown option --lgo-wandb; did you mean --log-wandb'):
+    with pytest.raises(SystemExit, match='refused with .*unknown option --lgo-wandb') as err:
         table1.main(['plan', '--slurm', str(tmp_path / 'typo'), '--', '--lgo-wandb'])
+    assert 'mean --log-wandb' in str(err.value)
     assert not (tmp_path / 'typo').exists()                  # nothing written for 42 jobs that would fail
     for refused, message in ((['--compile-mixer', 'nope'], 'is not a torch.compile backend'),
                              (['--experiment', 'all'], 'set by the plan for each run'),
                              (['--output=/elsewhere'], 'set by the plan for each run'),
-                             (['--epochs', 'abc'], "refused: argument --epochs: invalid int value: 'abc'$"),
+                             (['--epochs', 'abc'], "refused: .*--epochs: invalid int value: 'abc'$"),
                              # fine for DeiT, refused for the recipes without an EMA (PVT, CA-Swin)
-                             (['--eval-metric', 'ema_top1'], r'refused with configs/(pvt|ca_swin)_.*needs --model-ema')):
+                             (['--eval-metric', 'ema_top1'], 'refused with .*(pvt|ca_swin)_.*--model-ema')):
         with pytest.raises(SystemExit, match=message):
             table1.main(['plan', '--slurm', str(tmp_path / 'bad'), '--', *refused])
     assert not (tmp_path / 'bad').exists()
@@ -122,13 +123,16 @@ def test_report_shows_no_numbers_for_a_folder_that_is_not_its_recipes_run(tmp_pa
     fake_run(tmp_path, 'pvt_t_mixpro', [75.0], model_kwargs={'depths': [1, 1, 1, 1]})   # a depth-cut debug run
     fake_run(tmp_path, 'pvt_s_mixpro', [80.0], dataset='wds/imagenet')      # ImageNet read from shards: fine
     rows = {r['run']: r for r in table1.main(['report', '--runs', str(tmp_path)])}
-    assert rows['pvt_t_mixpro']['status'] == "not the recipe: model_kwargs {'depths': [1, 1, 1, 1]} (recipe: none)"
+    status = rows['pvt_t_mixpro']['status']
+    assert 'not the recipe' in status and "model_kwargs {'depths': [1, 1, 1, 1]}" in status and 'none' in status
     assert rows['pvt_s_mixpro']['status'] == 'done' and rows['pvt_s_mixpro']['final_top1'] == 80.0
     debug = rows['deit_t_transmix']
     assert debug['final_top1'] is None and debug['delta_final'] is None and debug['best_top1'] is None
-    assert debug['status'] == ('not the recipe: method mixpro (recipe: transmix), epochs 2 (recipe: 300), '
-                               '4 classes (ImageNet-1k: 1000)')
-    assert rows['deit_s_mixpro']['status'].startswith('not the recipe: model deit_tiny_patch16_224 (recipe: deit_')
+    assert 'not the recipe' in debug['status']
+    for difference in ('method mixpro (recipe: transmix)', 'epochs 2 (recipe: 300)', '4 classes (ImageNet-1k: 1000)'):
+        assert difference in debug['status']
+    status = rows['deit_s_mixpro']['status']
+    assert 'not the recipe' in status and 'deit_tiny_patch16_224 (recipe: deit_' in status
     assert rows['deit_b_mixpro']['status'] == 'done' and rows['deit_b_mixpro']['final_top1'] == 82.0
 
 

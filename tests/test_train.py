@@ -91,7 +91,7 @@ def test_val_interval_evaluates_every_nth_and_the_last_epoch_and_ranks_only_thos
 
 
 def test_eval_metric_ranks_the_best_checkpoints_by_the_ema_loss(data_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit, match='--eval-metric ema_loss ranks by the EMA weights: it needs --model-ema'):
+    with pytest.raises(SystemExit, match='--eval-metric ema_loss.*needs --model-ema'):
         train.main(train_args(data_dir, tmp_path, 'r', 'mixpro', 3, '--eval-metric', 'ema_loss'))
     train.main(train_args(data_dir, tmp_path, 'r', 'mixpro', 3, '--eval-metric', 'ema_loss', '--model-ema',
                           '--model-ema-decay', '0.5', '--checkpoint-hist', '1', '--wandb-project', 'p1'))
@@ -101,7 +101,7 @@ def test_eval_metric_ranks_the_best_checkpoints_by_the_ema_loss(data_dir, tmp_pa
     assert best['epoch'] == best_epoch and best['metric'] == pytest.approx(losses[best_epoch], abs=1e-4)
     out = capsys.readouterr().out
     assert f'best ema_loss {best["metric"]:.4f} at epoch {best_epoch}' in out
-    assert 'note: --wandb-project p1 logs nothing without --log-wandb' in out
+    assert '--wandb-project p1 logs nothing' in out and 'without --log-wandb' in out
 
 
 def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
@@ -137,8 +137,9 @@ def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_
 
 def test_auto_resume_refuses_a_run_with_other_settings(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 1))
-    with pytest.raises(SystemExit, match=r"other settings \(mix_method: 'transmix' -> 'mixpro', seed: 42 -> 1\)"):
+    with pytest.raises(SystemExit, match='other settings') as err:
         train.main([*train_args(data_dir, tmp_path, 'run', 'mixpro', 2), '--seed', '1'])
+    assert "mix_method: 'transmix' -> 'mixpro'" in str(err.value) and 'seed: 42 -> 1' in str(err.value)
     assert read_summary(tmp_path / 'run')[0]['epoch'] == '0'
     assert yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text())['mix_method'] == 'transmix'
     train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 2))        # more epochs: allowed
@@ -211,14 +212,15 @@ def test_a_wandb_that_cannot_start_stops_the_run_before_training_in_one_line(dat
     def not_logged_in(**settings):
         raise RuntimeError('api_key not configured (no-tty)')
     fake_wandb.init = not_logged_in
-    with pytest.raises(SystemExit, match='--log-wandb: W&B did not start: api_key not configured'):
+    with pytest.raises(SystemExit, match='--log-wandb: W&B did not start') as err:
         train.main([*train_args(data_dir, tmp_path, 'offline', 'mixpro', 1), '--log-wandb'])
+    assert 'api_key not configured' in str(err.value)
     assert not list((tmp_path / 'offline').glob('*.pth.tar'))
 
 
 def test_log_wandb_without_the_package_is_one_line_before_anything_runs(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'wandb', None)                  # as if not installed
-    with pytest.raises(SystemExit, match="--log-wandb needs the 'wandb' package: pip install wandb"):
+    with pytest.raises(SystemExit, match='--log-wandb needs .*pip install wandb'):
         train.main([*train_args(data_dir, tmp_path, 'unwatched', 'mixpro', 1), '--log-wandb'])
     assert not (tmp_path / 'unwatched').exists()
 
@@ -252,7 +254,7 @@ def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
                  for mode in ('nearest', 'bicubic')}                     # 16 px images resized to 32 px
     assert [row['interpolation'] for row in upsampled.values()] == ['nearest', 'bicubic']
     assert upsampled['nearest']['loss'] != pytest.approx(upsampled['bicubic']['loss'], abs=1e-6)
-    with pytest.raises(SystemExit, match='--torchcompile no_such is not a torch.compile backend'):
+    with pytest.raises(SystemExit, match='--torchcompile no_such is not a .*backend'):
         validate.main(['--checkpoint', str(best), '--torchcompile', 'no_such'])
 
 
@@ -260,21 +262,21 @@ def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, cap
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
     other = make_image_folder(tmp_path / 'four_classes', classes=4, train_per_class=1, val_per_class=1)
-    with pytest.raises(SystemExit, match='four_classes/val has class folder.*do not have: class3'):
+    with pytest.raises(SystemExit, match='four_classes/val.*do not have: class3'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(other), '--workers', '0'])
     state = torch.load(checkpoint, weights_only=True)
     state['args']['model_kwargs']['depth'] = 3          # weights of 2 blocks for a 3-block model
     torch.save(state, tmp_path / 'deeper.pth.tar')
-    with pytest.raises(SystemExit, match="deeper.pth.tar does not fit model 'deit_tiny_patch16_224'.*blocks.2"):
+    with pytest.raises(SystemExit, match="deeper.pth.tar does not fit .*blocks.2"):
         validate.main(['--checkpoint', str(tmp_path / 'deeper.pth.tar'), '--data-dir', str(data_dir)])
     with pytest.raises(SystemExit, match='no EMA weights'):
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--use-ema'])
-    with pytest.raises(SystemExit, match='--num-classes 5 with .*last.pth.tar: a train.py checkpoint has its own '
-                                         r'class count \(3;'):
+    with pytest.raises(SystemExit, match='--num-classes 5 with .*last.pth.tar') as err:
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--num-classes', '5'])
-    with pytest.raises(SystemExit, match='--img-size 32: .*last.pth.tar was trained at 16 px, and its weights do '
-                                         'not fit a 32 px model'):
+    assert 'its own class count (3' in str(err.value)
+    with pytest.raises(SystemExit, match='--img-size 32: .*last.pth.tar') as err:
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--img-size', '32'])
+    assert 'trained at 16 px' in str(err.value) and 'not fit a 32 px model' in str(err.value)
     with pytest.raises(SystemExit, match="does not fit model 'resnet18'"):   # the model, not the size, is wrong
         validate.main(['--checkpoint', checkpoint, '--data-dir', str(data_dir), '--img-size', '32',
                        '--model', 'resnet18'])
@@ -332,5 +334,5 @@ def pvt_args(data_dir, out, experiment, mask_cell):
 def test_pvt_trains_with_mixpro_on_its_32px_token_grid(data_dir, tmp_path):
     result = train.main(pvt_args(data_dir, tmp_path, 'pvt', 32))
     assert result['eval']['count'] == 18
-    with pytest.raises(SystemExit, match='mask_cell=16 is not a multiple of token_size=32'):
+    with pytest.raises(SystemExit, match='mask_cell=16 .*token_size=32'):
         train.main(pvt_args(data_dir, tmp_path, 'pvt_bad', 16))

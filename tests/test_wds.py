@@ -182,8 +182,7 @@ def test_a_mid_epoch_stop_redoes_that_epoch_from_its_first_step(shards, tmp_path
     monkeypatch.setattr(Mixer, '__call__', lambda self, x, y: steps.append(len(y)) or real(self, x, y))
     result = train.main(args)                                             # --resume auto
     out = capsys.readouterr().out
-    assert 'is a stream, which cannot skip to the step the run stopped at (2); epoch 1 restarts from its ' \
-           'first step' in out
+    assert 'is a stream' in out and 'stopped at (2)' in out and 'epoch 1 restarts from its first step' in out
     assert 'resumed from' in out and 'at epoch 1\n' in out
     assert steps == [8, 8, 8]                                             # the whole epoch 1, again
     assert result['epoch'] == 1 and result['eval']['count'] == 11
@@ -193,9 +192,9 @@ def test_a_mid_epoch_stop_redoes_that_epoch_from_its_first_step(shards, tmp_path
 
 def test_missing_webdataset_package_is_one_line(shards, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'webdataset', None)      # import webdataset -> ImportError
-    with pytest.raises(SystemExit, match=r"^error: --dataset wds/tiny needs the 'webdataset' package: "
-                                         r"pip install webdataset$"):
+    with pytest.raises(SystemExit, match='^error: --dataset wds/tiny') as err:
         train.main(wds_args(shards, tmp_path))
+    assert 'pip install webdataset' in str(err.value) and '\n' not in str(err.value)
 
 
 def _meta(root, **changes):
@@ -205,11 +204,11 @@ def _meta(root, **changes):
 
 
 @pytest.mark.parametrize('problem,message', [
-    ('no_info', r'no _info.json in .* to say which shards make split .train.'),
-    ('no_classes', r'the number of classes is unknown: put num_classes .* or give --num-classes'),
-    ('no_num_samples', r"split 'train' of the _info file has no 'num_samples'"),
-    ('missing_shard', r'1 of its 4 shards are missing, e\.g\. .*train-000002\.tar'),
-    ('unknown_split', r"split val2 not found in info .*: name another split"),
+    ('no_info', 'no _info.json .*split .train.'),
+    ('no_classes', 'classes is unknown.*--num-classes'),
+    ('no_num_samples', "split 'train' .*no 'num_samples'"),
+    ('missing_shard', '1 of its 4 shards .*train-000002.tar'),
+    ('unknown_split', 'split val2 not found.*another split'),
     ('too_few_shards', r'has 1 shard\(s\) for 2 processes'),
 ])
 def test_bad_shard_folders_are_one_line(tmp_path, problem, message):
@@ -245,5 +244,5 @@ def test_num_classes_option_or_info_gives_the_class_index(tmp_path):
     assert build_dataset(args, 'train', True).reader.class_to_idx == {str(i): i for i in range(5)}
     _meta(root, num_classes=3)
     assert build_dataset(args, 'train', True).reader.class_to_idx == {'0': 0, '1': 1, '2': 2}
-    with pytest.raises(ConfigError, match='classes differ from the ones the model was trained with'):
+    with pytest.raises(ConfigError, match='classes differ'):
         build_dataset(args, 'val', False, class_to_idx={'a': 0, 'b': 1, 'c': 2})
