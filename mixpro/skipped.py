@@ -22,17 +22,11 @@ _skipped_here = 0            # images skipped by this process (a loader worker o
 UNREADABLE = -1              # the label of a sample whose own image could not be read
 
 
-class _RememberingReader:
-    """A timm reader that remembers the last index read; everything else is the wrapped reader's."""
+class ReaderWrapper:
+    """A timm reader wrapped to change ``__getitem__``; everything else is the wrapped reader's."""
 
     def __init__(self, reader):
         self.reader = reader
-
-    def __getitem__(self, index):
-        global _last_read, _reads
-        _last_read = (self.reader, index)   # before the read: a missing file fails inside it
-        _reads += 1
-        return self.reader[index]
 
     def __len__(self):
         return len(self.reader)
@@ -49,6 +43,16 @@ class _RememberingReader:
             object.__setattr__(self, name, value)
         else:
             setattr(self.reader, name, value)
+
+
+class _RememberingReader(ReaderWrapper):
+    """A timm reader that remembers the last index read."""
+
+    def __getitem__(self, index):
+        global _last_read, _reads
+        _last_read = (self.reader, index)   # before the read: a missing file fails inside it
+        _reads += 1
+        return self.reader[index]
 
 
 def _file_of(reader, index: int) -> str:

@@ -36,7 +36,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from torchvision.transforms.functional import _compute_resized_output_size
 from torchvision.transforms.v2 import functional as F
 
-from .skipped import _RememberingReader
+from .skipped import ReaderWrapper, _RememberingReader
 from .tensor_augment import apply_rand_augment
 
 _JPEG_START = b'\xff\xd8\xff'
@@ -224,11 +224,8 @@ class _Decoded:
         return self.image
 
 
-class _DecodingReader:
-    """A timm reader whose images come decoded by ``decode_image``; everything else is the wrapped reader's."""
-
-    def __init__(self, reader):
-        self.reader = reader
+class _DecodingReader(ReaderWrapper):
+    """A timm reader whose images come decoded by ``decode_image``."""
 
     def __getitem__(self, index):
         file, target, *features = self.reader[index]
@@ -237,22 +234,6 @@ class _DecodingReader:
         # decoded here, in timm's loop: a file that cannot be decoded is skipped with timm's warning
         image = decode_image(data, getattr(file, 'name', ''))
         return (_Decoded(image), target, *features)
-
-    def __len__(self):
-        return len(self.reader)
-
-    def __getattr__(self, name):
-        try:
-            reader = self.__dict__['reader']
-        except KeyError:            # while unpickling, before __dict__ is filled
-            raise AttributeError(name) from None
-        return getattr(reader, name)
-
-    def __setattr__(self, name, value):   # settings made on the dataset's reader reach the real one
-        if name == 'reader':
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.reader, name, value)
 
 
 def read_as_tensors(dataset):
