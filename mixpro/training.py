@@ -78,24 +78,12 @@ def run(args) -> dict:
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
 
-        lr = resolve_lr(args.lr, lr_base=args.lr_base, lr_base_size=args.lr_base_size,
-                        lr_base_scale=args.lr_base_scale,
-                        global_batch=args.batch_size * dist_info.world_size * args.grad_accum_steps)
-        check_min_lr(lr, args)
-        optimizer = create_optimizer(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                     momentum=args.momentum, opt_eps=args.opt_eps, opt_betas=args.opt_betas,
-                                     layer_decay=args.layer_decay, opt_kwargs=args.opt_kwargs)
         amp, scaler = mixed_precision(device, args.amp, args.amp_dtype)
         loader, val_loader = build_loaders(args, train_set, val_set, data_config, dist_info)
         stack.callback(stop_workers, loader, val_loader)   # also after an error: exit would wait on them forever
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
+        lr, optimizer, scheduler, num_epochs = build_optimization(args, model, dist_info.world_size, per_epoch)
         lower_is_better = args.eval_metric.endswith('loss')
-        scheduler, num_epochs = create_scheduler(
-            optimizer, sched=args.sched, epochs=args.epochs, updates_per_epoch=per_epoch,
-            on_updates=args.sched_on_updates, lower_is_better=lower_is_better, decay_epochs=args.decay_epochs,
-            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, patience_epochs=args.patience_epochs,
-            cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-            warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix)
 
         checkpoint = read_run_checkpoint(checkpoint_path, args, class_to_idx, run_dir)
         if not checkpoint:   # a new run may start from given weights (in place, before the EMA copies them)
@@ -156,8 +144,7 @@ def run(args) -> dict:
             if train_metrics['steps_done'] < train_metrics['steps']:    # asked to stop: save where we are
                 path = save_interrupted(epoch, train_metrics['steps_done'], train_metrics['partial_means'])
                 _logger.info(f"{stop.name}: stopped at epoch {epoch} step {train_metrics['steps_done']}/"
-                             f"{train_metrics['steps']} and saved {path}; the same command with --resume auto "
-                             f'continues from there')
+                             f"{train_metrics['steps']} and saved {path}; --resume auto continues from there")
                 barrier()
                 return {'epoch': epoch, 'stopped_by': stop.signum}
             # every epoch, evaluated or not, so that each epoch-end checkpoint resumes every rank alike
@@ -167,11 +154,8 @@ def run(args) -> dict:
             metric = ranking_metric(evals, args)
             lr_now = current_lr(optimizer)   # the lr this epoch trained with
             scheduler.step(epoch + 1, metric)   # a plateau schedule moves on evaluated epochs only
-            logged = {k: {m: v[m] for m in LOGGED_METRICS} for k, v in evals.items()}
-            # an epoch not evaluated gets empty cells in the same summary.csv columns
-            weights = ['eval'] + (['eval_ema'] if ema is not None else [])
-            columns = logged or {k: dict.fromkeys(LOGGED_METRICS) for k in weights}
-            saved = state.state_dict(epoch, (epoch + 1, 0), evals=logged or None, metric=metric,
+            columns = summary_columns(evals, ema is not None)
+            saved = state.state_dict(epoch, (epoch + 1, 0), evals=columns if evals else None, metric=metric,
                                      summary={'loss': train_metrics['loss'], 'lr': lr_now, 'evals': columns})
             if primary:
                 keeper.save(saved, epoch, metric)   # before the summary row, so the table is never ahead of it
@@ -181,8 +165,8 @@ def run(args) -> dict:
             barrier()
             result = {'epoch': epoch, **evals}
             if epoch + 1 < num_epochs and stop.requested():
-                _logger.info(f'{stop.name}: stopped after epoch {epoch}, saved in {run_dir / LAST}; the same '
-                             f'command with --resume auto continues from there')
+                _logger.info(f'{stop.name}: stopped after epoch {epoch}, saved in {run_dir / LAST}; '
+                             f'--resume auto continues from there')
                 return {**result, 'stopped_by': stop.signum}
         if primary and keeper.ranking:
             digits = 4 if lower_is_better else 2
@@ -223,6 +207,25 @@ def mixing_options(args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+def build_optimization(args, model, world_size: int, updates_per_epoch: int):
+    """(lr, optimizer, scheduler, epochs with cooldown) from the options."""
+    lr = resolve_lr(args.lr, lr_base=args.lr_base, lr_base_size=args.lr_base_size, lr_base_scale=args.lr_base_scale,
+                    global_batch=args.batch_size * world_size * args.grad_accum_steps)
+    if lr < args.min_lr and args.sched in ('cosine', 'tanh', 'poly'):   # they would climb to min_lr
+        _logger.info(f'note: lr {lr:.3e} is below --min-lr {args.min_lr:.3e}: after warmup the schedule would '
+                     f'raise the lr towards min_lr; set --min-lr lower (or --lr / --lr-base higher)')
+    optimizer = create_optimizer(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                                 opt_eps=args.opt_eps, opt_betas=args.opt_betas, layer_decay=args.layer_decay,
+                                 opt_kwargs=args.opt_kwargs)
+    scheduler, epochs = create_scheduler(
+        optimizer, sched=args.sched, epochs=args.epochs, updates_per_epoch=updates_per_epoch,
+        on_updates=args.sched_on_updates, lower_is_better=args.eval_metric.endswith('loss'),
+        decay_epochs=args.decay_epochs, decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,
+        patience_epochs=args.patience_epochs, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix)
+    return lr, optimizer, scheduler, epochs
+
+
 def check_image_geometry(args, image_size: int, token_size: int, stride: Optional[int] = None) -> None:
     """Sizes that would make the attention labels or MaskMix silently wrong are refused before training;
     a note where the model alone would not see every pixel."""
@@ -237,12 +240,6 @@ def check_image_geometry(args, image_size: int, token_size: int, stride: Optiona
     if image_size % token_size and token_size == stride:   # (a hierarchical model may pad instead)
         _logger.info(f"note: image size {image_size} px is not a multiple of the model's {token_size}-px patches: "
                      f'the last {image_size % token_size} px of the right and bottom edges are not seen')
-
-
-def check_min_lr(lr: float, args) -> None:
-    if lr < args.min_lr and args.sched in ('cosine', 'tanh', 'poly'):   # they would climb to min_lr
-        _logger.info(f'note: lr {lr:.3e} is below --min-lr {args.min_lr:.3e}: after warmup the schedule would '
-                     f'raise the lr towards min_lr; set --min-lr lower (or --lr / --lr-base higher)')
 
 
 def build_loaders(args, train_set, val_set, data_config: dict, dist_info: DistInfo):
@@ -329,6 +326,14 @@ def ranking_metric(evals: dict, args) -> Optional[float]:
         return None
     ema, name = args.eval_metric.startswith('ema_'), args.eval_metric.removeprefix('ema_')
     return evals['eval_ema' if ema else 'eval'][name]
+
+
+def summary_columns(evals: dict, has_ema: bool) -> dict:
+    """The evaluation numbers an epoch logs and saves; an epoch not evaluated gets empty cells in the same
+    summary.csv columns."""
+    if evals:
+        return {k: {m: v[m] for m in LOGGED_METRICS} for k, v in evals.items()}
+    return {k: dict.fromkeys(LOGGED_METRICS) for k in ['eval'] + (['eval_ema'] if has_ema else [])}
 
 
 def log_epoch(logger, epoch, train_metrics, evals, lr, data_config, class_to_idx) -> None:
