@@ -3,7 +3,8 @@
 prints tables and writes JSON.
 
     python scripts/benchmark.py [--device cuda] [--amp] [--compile] [--json out.json]
-    python scripts/benchmark.py --sections pipeline --recipe configs/deit_s_mixpro.yaml --data-dir /data/imagenet
+    python scripts/benchmark.py --sections pipeline --recipe configs/deit_s_mixpro.yaml --data-dir /data/imagenet \
+        --workers-list 4 8 --data-backend pillow tensor
     python scripts/benchmark.py --sections zoo --zoo configs/*_mixpro.yaml --zoo-batch-size 128
 
 (a) mixer time per batch for every method against timm ``Mixup`` (CutMix and Mixup modes) and the
@@ -13,14 +14,16 @@ prints tables and writes JSON.
 (d) the full train step (mix, forward, relabel, loss, backward, AdamW step) per method (plain,
     mixup_cutmix, transmix, maskmix, mixpro), fused vs official-style unfused attention, eager vs
     ``torch.compile`` (--compile): ms/step, img/s, peak memory, ratios;
-(e) with --recipe and --data-dir: the recipe's train loader alone (img/s per worker count) against the
-    recipe's train step alone, and the verdict input-bound / compute-bound;
+(e) with --recipe and --data-dir: the recipe's train loader alone (img/s per data backend and worker count:
+    the whole loader, its workers alone, the device stage alone) against the recipe's train step alone, and
+    the verdict input-bound / compute-bound per backend (scripts/make_jpegs.py writes ImageNet-like JPEGs);
 (f) with --zoo: each recipe's own model and train step, eager against torch.compile (ms/step, warm-up
     seconds, steps until compiling pays back, peak memory): whether compiling pays across the zoo.
 All ratios come from one run on one device, candidates interleaved. Goals (figures, not tests):
 MaskMix <= 1.0x timm CutMix; probe overhead <= 0.5 % of the forward.
 """
 import argparse
+import copy
 import json
 import shlex
 import statistics
@@ -42,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixpro import AttentionProbe, Mixer  # noqa: E402
 from mixpro.probe import cls_attention, key_projection  # noqa: E402
+from mixpro.tensor_data import DeviceAugmentLoader  # noqa: E402
 
 MODELS = ('deit_small_patch16_224', 'cait_xxs36_224', 'xcit_small_12_p16_224')
 STEP_METHODS = ('plain', 'mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
@@ -393,58 +397,152 @@ def bench_train_step(args, device):
 
 
 def bench_input_pipeline(args, device):
-    """(e): the recipe's train loader alone, per worker count, against the recipe's train step alone."""
+    """(e): the recipe's train loader per data backend and worker count, against the recipe's train step
+    alone. Interleaved: for each of ``--rounds`` rounds, for each worker count, for each backend, the whole
+    loader (device stage included), then its DataLoader alone (the workers' side); once per round and
+    backend the device stage alone, on a cached batch. Medians over rounds. Returns
+    ``(records, summaries)``: one record per (backend, workers), one summary (with the verdict) per backend."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from timm.data import resolve_data_config
+    from mixpro.build import create_model, model_options
     from mixpro.data import build_dataset, class_index_of, num_classes_of, train_loader
     from mixpro.distributed import DistInfo
-    from mixpro.build import create_model, model_options
+    from mixpro.logger import setup_logging
 
-    recipe = parse_recipe(args.recipe, device, f"--data-dir {shlex.quote(args.data_dir)} {args.recipe_args or ''}")
+    setup_logging()   # mixpro's notes (a recipe's backend on the CPU, an option the tensor path cannot train)
     dist_info = DistInfo(device=device)
-    train_set = build_dataset(recipe.data_dir, recipe.train_split, is_training=True, dataset=recipe.dataset,
-                              class_map=recipe.class_map, num_classes=recipe.num_classes,
-                              batch_size=recipe.batch_size, seed=recipe.seed)
-    class_index_of(train_set)
-    num_classes = recipe.num_classes or num_classes_of(train_set)
-    model = create_model(recipe.model, num_classes, **model_options(recipe))
-    data_config = resolve_data_config(vars(recipe), model=model)
-    loader_rates, recipe_workers = {}, recipe.workers
-    for workers in args.workers_list if args.workers_list is not None else [recipe_workers]:
-        recipe.workers = workers
-        loader = train_loader(train_set, data_config, recipe, dist_info)
-        loader.sampler.set_epoch(0)
-        wanted = min(args.pipeline_batches, len(loader) - 1)
-        if wanted < 1:
-            raise SystemExit(f'--recipe: {len(train_set)} images give {len(loader)} batches of '
-                             f'{recipe.batch_size}; the loader timing needs at least two')
-        iterator = iter(loader)
-        next(iterator)   # workers started, first batches in flight: steady state from here
-        sync(device)
-        start, images = time.perf_counter(), 0
-        for _ in range(wanted):
-            batch_x, _ = next(iterator)
-            images += batch_x.shape[0]
-        sync(device)
-        loader_rates[str(workers)] = images / (time.perf_counter() - start)
-        del iterator, loader
-    # the step alone, on a fixed batch of the recipe's shape, method and precision
-    steps = recipe_steps(recipe, model, num_classes, data_config['input_size'][-1], device,
+    recipes, datasets = {}, {}
+    for asked in args.data_backend or [None]:   # None: the recipe's own backend, as train.py resolves it here
+        recipe = parse_recipe(args.recipe, device, f"--data-dir {shlex.quote(args.data_dir)} {args.recipe_args or ''}"
+                              + (f' --data-backend {asked}' if asked else ''))   # last: it wins over --recipe-args
+        if recipe.data_backend in recipes:
+            raise SystemExit(f'--data-backend: {recipe.data_backend} is named twice; name each backend once')
+        recipes[recipe.data_backend] = recipe
+        # a dataset per backend: the tensor backend makes its reader hand over decoded tensors
+        datasets[recipe.data_backend] = build_dataset(
+            recipe.data_dir, recipe.train_split, is_training=True, dataset=recipe.dataset, class_map=recipe.class_map,
+            num_classes=recipe.num_classes, batch_size=recipe.batch_size, seed=recipe.seed)
+    first = next(iter(recipes.values()))
+    class_index_of(datasets[first.data_backend])
+    num_classes = first.num_classes or num_classes_of(datasets[first.data_backend])
+    model = create_model(first.model, num_classes, **model_options(first))
+    data_config = resolve_data_config(vars(first), model=model)
+    recipe_workers = first.workers
+    workers_list = args.workers_list if args.workers_list is not None else [recipe_workers]
+
+    loaders = {}   # (backend, workers) -> the train loader as train.py builds it (its workers start per timing)
+    for backend, recipe in recipes.items():
+        for workers in workers_list:
+            recipe.workers = workers
+            loader = train_loader(datasets[backend], data_config, recipe, dist_info)
+            if backend == 'tensor' and not isinstance(loader, DeviceAugmentLoader):
+                raise SystemExit(f'--data-backend tensor: {args.recipe} with {args.recipe_args!r} trains with pillow '
+                                 f'(the note above names the option the tensor path cannot train): change that '
+                                 f'option in --recipe-args, or time pillow only')
+            if len(loader) < 2:
+                raise SystemExit(f'--recipe: {len(datasets[backend])} images give {len(loader)} batches of '
+                                 f'{recipe.batch_size}; the loader timing needs at least two (more images, or a '
+                                 f'smaller --batch-size in --recipe-args)')
+            loaders[(backend, workers)] = loader
+    # one batch per backend as its workers hand it over, kept on the device for timing the device stage alone
+    cached = {backend: first_batch(loaders[(backend, workers_list[0])], device) for backend in recipes}
+    batches = min(args.pipeline_batches, *(len(loader) - 1 for loader in loaders.values()))
+
+    loader_rates = {key: [] for key in loaders}
+    worker_rates = {key: [] for key in loaders}
+    device_ms = {backend: [] for backend in recipes}
+    for _ in range(args.rounds):
+        for workers in workers_list:
+            for backend in recipes:
+                loader = loaders[(backend, workers)]
+                loader_rates[(backend, workers)].append(loader_rate(loader, batches, device))
+                worker_rates[(backend, workers)].append(loader_rate(getattr(loader, 'loader', loader), batches, device))
+        for backend in recipes:
+            ms = device_stage_ms(loaders[(backend, workers_list[0])], cached[backend], device, args.repeats)
+            if ms is not None:
+                device_ms[backend].append(ms)
+
+    # the step alone, on a fixed batch of the recipe's shape, method and precision (the same for every backend)
+    steps = recipe_steps(first, model, num_classes, data_config['input_size'][-1], device,
                          {'step': args.compile_backend if args.compile else None}, args.compile_mode)
     step, optimizer = steps['step']
     step.warm_up(optimizer, args.step_warmup)
-    ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
-    step_rate = recipe.batch_size * 1e3 / ms
-    # the verdict for the recipe's own worker count where it was timed, else for the best one timed
-    best_workers, best_rate = max(loader_rates.items(), key=lambda kv: kv[1])
-    loader_rate = loader_rates.get(str(recipe_workers), best_rate)
-    return {'recipe': args.recipe, 'batch_size': recipe.batch_size, 'img_size': data_config['input_size'][-1],
-            'method': recipe.mix_method,
-            'recipe workers': recipe_workers, 'loader img/s by workers': loader_rates,
-            'best loader img/s': best_rate, 'best workers': int(best_workers),
-            'step img/s' + (' (compiled)' if args.compile else ''): step_rate, 'step ms': ms,
-            'loader / step': loader_rate / step_rate,
-            'verdict': 'input-bound' if loader_rate < step_rate else 'compute-bound'}
+    step_ms = statistics.median(time_steps(step, optimizer, device, args.step_steps) for _ in range(args.rounds))
+    step_rate = first.batch_size * 1e3 / step_ms
+
+    records, summaries = [], {}
+    for backend, recipe in recipes.items():
+        stage_ms = statistics.median(device_ms[backend]) if device_ms[backend] else None
+        rates = {}
+        for workers in workers_list:
+            rates[str(workers)] = statistics.median(loader_rates[(backend, workers)])
+            records.append({'data_backend': backend, 'workers': workers, 'batch_size': recipe.batch_size,
+                            'loader_img_per_s': rates[str(workers)],
+                            'worker_img_per_s': statistics.median(worker_rates[(backend, workers)]),
+                            'device_ms_per_batch': stage_ms})
+        # the verdict for the recipe's own worker count where it was timed, else for the best one timed
+        best_workers, best_rate = max(rates.items(), key=lambda kv: kv[1])
+        loader_rate_used = rates.get(str(recipe_workers), best_rate)
+        summaries[backend] = {
+            'recipe': args.recipe, 'data_backend': backend, 'batch_size': recipe.batch_size,
+            'img_size': data_config['input_size'][-1], 'method': recipe.mix_method, 'recipe workers': recipe_workers,
+            'loader img/s by workers': rates, 'best loader img/s': best_rate, 'best workers': int(best_workers),
+            'step img/s' + (' (compiled)' if args.compile else ''): step_rate, 'step ms': step_ms,
+            'loader / step': loader_rate_used / step_rate,
+            'device ms/batch': stage_ms,
+            # on a GPU the device stage shares the device with the step: this much is added to each step
+            'device stage / step': None if stage_ms is None else stage_ms / step_ms,
+            'verdict': 'input-bound' if loader_rate_used < step_rate else 'compute-bound'}
+    return records, summaries
+
+
+def first_batch(loader, device):
+    """The first batch of ``loader``'s DataLoader (no device stage), images and targets moved to ``device``
+    (RandAugment parameters stay on the CPU, where ``DeviceAugmentLoader`` leaves them)."""
+    from mixpro.data import set_loader_epoch, stop_workers
+    raw = getattr(loader, 'loader', loader)
+    set_loader_epoch(loader, 0)
+    iterator = iter(raw)
+    try:
+        images, targets, *params = next(iterator)
+    finally:
+        del iterator
+        stop_workers(raw)   # persistent workers would go on filling their queue, taking CPU from the timings
+    return (images.to(device), targets.to(device), *params)
+
+
+def loader_rate(loader, batches, device) -> float:
+    """img/s through ``loader`` over ``batches`` batches after the first (workers started, the first batches
+    in flight: steady state from there); its workers are stopped afterwards, so that they take no CPU from
+    the next timing."""
+    from mixpro.data import set_loader_epoch, stop_workers
+    set_loader_epoch(loader, 0)   # the same images every time: every candidate reads the same (cached) files
+    iterator = iter(loader)
+    try:
+        next(iterator)
+        sync(device)
+        start, images = time.perf_counter(), 0
+        for _ in range(batches):
+            batch = next(iterator)
+            images += batch[0].shape[0]
+        sync(device)   # the device stage's work queued on a GPU is part of the loader's time
+        return images / (time.perf_counter() - start)
+    finally:
+        del iterator
+        stop_workers(loader)
+
+
+def device_stage_ms(loader, batch, device, repeats):
+    """ms per batch of ``loader``'s device stage alone, run on ``batch`` (already on the device) by the
+    loader's own code: for ``DeviceAugmentLoader`` RandAugment from the batch's parameters, normalisation and
+    random erasing; for timm's ``PrefetchLoader`` (Pillow on CUDA) normalisation and random erasing. None
+    when there is none: Pillow on the CPU normalises and erases in the workers' transform."""
+    from timm.data.loader import PrefetchLoader
+    if not isinstance(loader, (DeviceAugmentLoader, PrefetchLoader)):
+        return None
+    stage = copy.copy(loader)   # the same mean, std and erasing, fed one cached batch
+    stage.loader = [batch]
+    return median_ms(lambda: next(iter(stage)), device, repeats, warmup=1)
 
 
 def parse_recipe(path, device, extra_args=''):
@@ -519,6 +617,35 @@ def bench_zoo(args, device):
     return rows
 
 
+def backend_ratios(records) -> dict:
+    """tensor / pillow per worker count, for the whole loader and for the workers alone (where both ran)."""
+    by_key = {(r['data_backend'], r['workers']): r for r in records}
+    ratios = {}
+    for (backend, workers), tensor in by_key.items():
+        pillow = by_key.get(('pillow', workers))
+        if backend == 'tensor' and pillow is not None:
+            ratios[f'tensor / pillow, whole loader, workers {workers}'] = \
+                tensor['loader_img_per_s'] / pillow['loader_img_per_s']
+            ratios[f'tensor / pillow, workers alone, workers {workers}'] = \
+                tensor['worker_img_per_s'] / pillow['worker_img_per_s']
+    return ratios
+
+
+def print_pipeline(args, env, records, summaries, ratios):
+    for backend, summary in summaries.items():
+        print_table(f"(e) input pipeline, {args.recipe}, --data-backend {backend}, {env['device']}",
+                    {k: v for k, v in summary.items() if k != 'loader img/s by workers'}, '{:.2f}')
+    print(f"\n(e) img/s per backend and workers (median of {args.rounds} rounds; whole loader = workers + device stage)")
+    print('| data backend | workers | batch | whole loader img/s | workers alone img/s | device ms/batch |\n'
+          '|---|---|---|---|---|---|')
+    for r in records:
+        device_ms = 'n/a (in the workers)' if r['device_ms_per_batch'] is None else f"{r['device_ms_per_batch']:.1f}"
+        print(f"| {r['data_backend']} | {r['workers']} | {r['batch_size']} | {r['loader_img_per_s']:.1f} | "
+              f"{r['worker_img_per_s']:.1f} | {device_ms} |")
+    if ratios:
+        print_table('(e) tensor / pillow (same run)', ratios, '{:.2f}')
+
+
 def print_table(title, rows, value_format='{:.3f}'):
     print(f'\n{title}')
     print('| | value |\n|---|---|')
@@ -563,7 +690,9 @@ def main():
     g.add_argument('--recipe-args', default='', help='more train.py options for the recipe, one string')
     g.add_argument('--workers-list', type=int, nargs='+', default=None,
                    help="loader worker counts to time (default: the recipe's)")
-    g.add_argument('--pipeline-batches', type=int, default=20, help='batches timed per worker count')
+    g.add_argument('--pipeline-batches', type=int, default=20, help='batches timed per worker count and backend')
+    g.add_argument('--data-backend', nargs='+', default=None, choices=('pillow', 'tensor'),
+                   help="data backends to time, interleaved (default: the recipe's, which is pillow on a CPU)")
     g = parser.add_argument_group('(f) compile across the model zoo')
     g.add_argument('--zoo', nargs='+', default=[], metavar='RECIPE',
                    help='recipes (configs/*.yaml) whose model and train step to time eager and compiled')
@@ -618,12 +747,11 @@ def main():
             print(f"| {name} | {row['ms/step']:.2f} | {row['img/s']:.1f} | {peak} |")
         print_table('(d) ratios (same run)', results['train_step']['ratios'])
     if 'pipeline' in sections:
-        results['input_pipeline'] = bench_input_pipeline(args, device)
-        print_table(f"(e) input pipeline, {args.recipe}", {k: v for k, v in results['input_pipeline'].items()
-                                                          if k != 'loader img/s by workers'}, '{:.1f}')
-        print('| workers | loader img/s |\n|---|---|')
-        for workers, rate in results['input_pipeline']['loader img/s by workers'].items():
-            print(f'| {workers} | {rate:.1f} |')
+        results['pipeline'], summaries = bench_input_pipeline(args, device)
+        results['input_pipeline'] = next(iter(summaries.values()))   # the first backend's, as before backends
+        results['input_pipeline_by_backend'] = summaries
+        results['pipeline_ratios'] = backend_ratios(results['pipeline'])
+        print_pipeline(args, env, results['pipeline'], summaries, results['pipeline_ratios'])
     if 'zoo' in sections:
         results['zoo'] = bench_zoo(args, device)
         print(f"\n(f) eager vs torch.compile ({args.compile_backend}) per recipe, {env['device']}")
