@@ -19,12 +19,14 @@ def test_bad_input_is_one_line_naming_it(data_dir, tmp_path, extra, phrases):
     assert all(phrase in str(err.value) for phrase in phrases), str(err.value)
 
 
-def test_an_image_size_off_the_token_grid_is_pointed_out_where_it_is_not_refused(data_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_an_image_size_off_the_token_grid_is_a_note_not_a_refusal(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'off_grid', 'mixup_cutmix', 1, '--img-size', '18'))
     out = capsys.readouterr().out
     assert 'note: image size 18 px' in out and '4-px patches' in out and 'the last 2 px' in out
 
 
+@pytest.mark.slow
 def test_an_lr_below_min_lr_is_pointed_out(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'low', 'mixup_cutmix', 1, '--lr', '1e-6', '--min-lr', '1e-5'))
     out = capsys.readouterr().out

@@ -20,6 +20,7 @@ def xcit_args(data_dir, out, experiment, *extra):
     return xcit_train_args(data_dir, out, experiment, 'mixpro', 1, *extra)
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_scores_the_saved_model_of_a_batchnorm_network(data_dir, tmp_path):
     """Each rank's last training forward moves its own BatchNorm statistics; the evaluation, sharded over
     the ranks, must score the one model the checkpoint holds, raw and EMA."""

@@ -4,12 +4,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ('plain', 'mixup_cutmix', 'transmix', 'maskmix', 'mixpro')
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / 'bench.json'
     data = make_image_folder(tmp_path / 'data', train_per_class=8)
@@ -55,6 +58,7 @@ def test_benchmark_smoke(tmp_path):
     assert f"| verdict | {pipeline['verdict']} |" in printed
 
 
+@pytest.mark.slow
 def test_benchmark_zoo_smoke(tmp_path):
     """(f) builds each recipe's own model and step and times it eager and compiled (dynamo's eager
     backend here: the tracing runs, inductor's code generation would take a minute on a CPU)."""

@@ -49,6 +49,7 @@ def test_a_val_class_unknown_to_train_is_named(own_data, tmp_path):
         train.main(train_args(own_data, tmp_path / 'out', 'unknown', 'mixpro', 1))
 
 
+@pytest.mark.slow
 def test_class_map_file_sets_labels_and_selects_classes(own_data, tmp_path):
     (own_data / 'classes.txt').write_text('class2\nclass0\n')
     train_set = image_folder(own_data, 'train', is_training=True, class_map=str(own_data / 'classes.txt'))
@@ -81,6 +82,7 @@ def test_a_truncated_image_is_named_in_the_skip_warning(own_data, caplog):
     assert len(skips) == 1 and str(broken) in skips[0] and 'truncated' in skips[0], skips
 
 
+@pytest.mark.slow
 def test_an_unreadable_val_image_is_left_out_of_the_numbers_not_counted_twice(own_data, tmp_path):
     train.main(train_args(own_data, tmp_path / 'out', 'run', 'mixpro', 1, '--batch-size', '2'))
     validate_args = ['--checkpoint', str(tmp_path / 'out' / 'run' / 'last.pth.tar'), '--data-dir', str(own_data),
@@ -94,6 +96,7 @@ def test_an_unreadable_val_image_is_left_out_of_the_numbers_not_counted_twice(ow
     assert with_broken['top1'] == without['top1'] and with_broken['loss'] == pytest.approx(without['loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_loader_worker_names_the_truncated_image(own_data):
     """Workers start from the forkserver and unpickle the dataset: the naming must travel with it."""
     broken = _truncate(own_data / 'val' / 'class2' / '0.png')

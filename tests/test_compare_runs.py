@@ -187,6 +187,7 @@ def test_markdown_and_csv(runs, tmp_path, capsys):
         compare_runs.main([str(runs), '--csv', str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_prepare_digits(tmp_path):
     from PIL import Image
 

@@ -19,6 +19,7 @@ def test_a_nan_loss_stops_the_run_before_anything_is_saved(data_dir, tmp_path, m
     assert not (run_dir / 'interrupted.pth.tar').exists()
 
 
+@pytest.mark.slow
 def test_recovery_saves_survive_a_hard_crash_and_the_resumed_run_is_bit_exact(data_dir, tmp_path, monkeypatch,
                                                                                capsys):
     """--recovery-interval 2: a resumable state after steps 2 of every epoch, so a crash (no signal, no
@@ -55,6 +56,7 @@ def test_recovery_saves_survive_a_hard_crash_and_the_resumed_run_is_bit_exact(da
     assert read_summary(run_dir) == read_summary(tmp_path / 'straight')
 
 
+@pytest.mark.slow
 def test_a_recovery_save_never_holds_non_finite_weights(data_dir, tmp_path, monkeypatch):
     nan_loss_at(monkeypatch, STEPS + 1)
     with pytest.raises(SystemExit, match='loss is not finite') as err:

@@ -67,6 +67,7 @@ def cifar_args(root, out, dataset='torch/cifar10', *extra):
             '--img-size', '32', '--mask-cell', '8', '--epochs', '1', *extra]
 
 
+@pytest.mark.slow
 def test_cifar10_trains_and_validates_with_every_test_image_once(tmp_path, no_md5):
     root = write_cifar(tmp_path / 'cifar')
     result = train.main(cifar_args(root, tmp_path, 'torch/cifar10', '--mix-method', 'mixpro'))
@@ -96,6 +97,7 @@ def test_cifar100_labels_come_from_its_fine_labels(tmp_path, no_md5):
     assert [train_set[i][1] for i in range(3)] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_grayscale_fashion_mnist_becomes_rgb(tmp_path):
     root = write_fashion_mnist(tmp_path / 'fm')
     result = train.main(cifar_args(root, tmp_path, 'torch/fashion_mnist', '--mix-method', 'transmix',
@@ -124,6 +126,7 @@ def test_unsupported_or_unavailable_datasets_are_one_line(tmp_path, name, messag
         train.main(cifar_args(tmp_path, tmp_path, name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['baseline', 'transmix', 'mixpro'])
 def test_cifar100_recipes_train_an_epoch(tmp_path, no_md5, method):
     root = write_cifar(tmp_path / 'c100', classes=100, train=100, test=50, fine=True)

@@ -36,6 +36,7 @@ def finetune_args(data, out, init, experiment='ft', epochs=1, *extra):
                       str(init), *extra)
 
 
+@pytest.mark.slow
 def test_new_head_and_resized_pos_embed_keep_the_body_weights(source, four_classes, tmp_path, capsys):
     args = parse_train_args(finetune_args(four_classes, tmp_path, source))
     src = torch.load(source, weights_only=True)['state_dict']
@@ -92,6 +93,7 @@ def test_pretrained_without_network_is_one_line_naming_the_model(data_dir, tmp_p
     assert "fetching timm's weights" in out and 'Hugging Face Hub' in out
 
 
+@pytest.mark.slow
 def test_pretrained_weights_are_fitted_like_a_file(monkeypatch):
     published = timm.create_model('deit_tiny_patch16_224').state_dict()   # stands in for the hub's file
     monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_hf', lambda *a, **k: dict(published))
@@ -123,6 +125,7 @@ def test_missing_file_and_both_options_are_errors(data_dir, tmp_path):
         load_initial_weights(None, args)
 
 
+@pytest.mark.slow
 def test_resuming_a_finetuned_run_does_not_load_the_initial_weights_again(source, four_classes, tmp_path,
                                                                           capsys):
     init = tmp_path / 'init.pth.tar'

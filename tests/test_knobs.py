@@ -35,6 +35,7 @@ def _capture_optimizer(monkeypatch) -> dict:
 
 
 # ---- --model-ema-warmup -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ema_warmup_follows_the_model_where_plain_decay_stays_behind(data_dir, tmp_path):
     def ema_lag(name, *extra):
         train.main(train_args(data_dir, tmp_path, name, 'mixup_cutmix', 2, '--model-ema', '--log-interval', '0',
@@ -90,6 +91,7 @@ def test_layer_decay_groups_every_model_family_by_depth(name):
 
 
 # ---- --opt-kwargs -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_opt_kwargs_reach_the_optimizer(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'ams', 'mixup_cutmix', 1, '--opt-kwargs', 'amsgrad=True',
                           '--opt-betas', '0.8', '0.99'))
@@ -122,6 +124,7 @@ def _step_lrs(out: str) -> list:
                                                                    re.M)]
 
 
+@pytest.mark.slow
 def test_sched_on_updates_moves_the_lr_within_the_first_epoch(data_dir, tmp_path, capsys):
     extra = ('--log-interval', '1', '--warmup-epochs', '1')
     train.main(train_args(data_dir, tmp_path, 'epochs', 'mixup_cutmix', 2, *extra))
@@ -138,6 +141,7 @@ def test_sched_on_updates_moves_the_lr_within_the_first_epoch(data_dir, tmp_path
     assert second[-1] == pytest.approx(1e-5, rel=1e-3)                           # min_lr at the last update
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop_call', [STEPS + 2, 2 * STEPS], ids=['mid-epoch', 'epoch-end'])
 def test_a_resumed_per_update_schedule_gives_the_uninterrupted_lrs(data_dir, tmp_path, monkeypatch, capsys,
                                                                    stop_call):
@@ -203,6 +207,7 @@ def _model_args(name, **extra):
     return Namespace(model=name, model_kwargs=SMALL[name], drop=0.0, drop_path=0.0, img_size=None, **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(SMALL))
 def test_grad_checkpointing_gives_the_same_gradients_in_every_family(name):
     torch.manual_seed(0)
@@ -222,6 +227,7 @@ def test_grad_checkpointing_gives_the_same_gradients_in_every_family(name):
                                             if hasattr(m, 'grad_checkpointing'))
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_reads_the_attention_once_per_step(data_dir, tmp_path, monkeypatch):
     """The backward's recompute runs the label layer's hook again: the engine switches the probe off after
     the forward, so the attention is computed once per step, and training gives the same weights."""
@@ -254,6 +260,7 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_line(monkeypatch):
     assert 'cannot recompute' in str(err.value)
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_attention(monkeypatch):
     """The probe's hook sits inside a checkpointed block: compiled as train.py compiles (wrap_for_training),
     the forward stays one graph on steps that read the attention, and the attention is captured."""

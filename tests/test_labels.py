@@ -66,6 +66,7 @@ def kind_frequencies(method, steps=4000, **kwargs):
     return {k: v / steps for k, v in counts.items()}
 
 
+@pytest.mark.slow
 def test_mixpro_schedule_is_half_maskmix_then_cutmix_or_mixup():
     freq = kind_frequencies('mixpro')
     assert freq['maskmix'] == pytest.approx(0.5, abs=0.03)

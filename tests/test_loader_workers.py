@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow   # subprocesses or several training runs: seconds each
+
 
 KEEPS_A_LOADER = """
 import os, signal, sys, time

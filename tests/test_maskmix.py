@@ -328,6 +328,7 @@ def test_an_unknown_compile_backend_is_named():
         Mixer('mixpro', compile_backend='nope')
 
 
+@pytest.mark.slow
 def test_a_compiler_that_fails_is_one_error_naming_the_option():
     def broken_compiler(graph, inputs):
         raise RuntimeError('no C++ compiler found')
@@ -338,6 +339,7 @@ def test_a_compiler_that_fails_is_one_error_naming_the_option():
     assert '--compile-mixer' in str(err.value) and 'no C++ compiler found' in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_compiled_mixer_takes_any_batch_size():
     """dynamo's recompile limit is a hard error under fullgraph: sizes must not each cost a graph."""
     mixer = Mixer('mixpro', num_classes=10, mask_cell=8, token_size=8, maskmix_prob=1.0, compile_backend='eager')

@@ -44,6 +44,7 @@ def test_table1_size(name):
     assert model.num_classes == 1000 and model.get_classifier().out_features == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(SHALLOW))
 def test_training_step_and_timm_api(name):
     kwargs = SHALLOW[name]
@@ -130,6 +131,7 @@ PROBED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(PROBED))
 def test_probe_equals_full_attention_and_leaves_logits_untouched(name):
     """The real configuration at 224 px, training mode with stochastic depth."""

@@ -90,6 +90,7 @@ def test_deep_copies_get_an_inert_probe():
     assert probe.attention is not None
 
 
+@pytest.mark.slow
 def test_probe_switches_under_torch_compile():
     model = build('deit')
     probe = AttentionProbe(model)

@@ -147,6 +147,7 @@ def test_rank_shards_add_up_to_the_whole(fake_imagenet):
     assert tuple(totals) == (2, 4, 6)   # the whole folder's ReaL hits, each image once
 
 
+@pytest.mark.slow
 def test_timms_labels_by_default_and_with_occlusion(tmp_path):
     """No FILE: timm's copy. Its first three entries: image 1 none, image 2 {970, 795}, image 3 {230, 231}."""
     shipped = json.loads(open(TIMM_REAL_LABELS).read())

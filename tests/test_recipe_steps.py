@@ -53,6 +53,7 @@ def jpeg_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prefix,method,workers', RECIPES, ids=[f'{p}_{m}' for p, m, _ in RECIPES])
 def test_recipe_trains_one_epoch_on_cpu(jpeg_folder, tmp_path, prefix, method, workers):
     family = prefix.rsplit('_', 1)[0]

@@ -91,6 +91,7 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_every_recipe_train_transform_survives_thousands_of_draws(monkeypatch, one_torch_thread):
     bits_drawn = []
 

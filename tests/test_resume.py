@@ -15,6 +15,7 @@ def parse(argv):
     return parse_train_args(argv)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, capsys):
     args = train_args(data_dir, tmp_path, 'torn', 'transmix', 2)
     train.main(args)
@@ -50,6 +51,7 @@ def test_a_summary_row_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):
     assert (tmp_path / 'summary.csv').read_text().endswith('\n')        # the next epoch's row starts a line
 
 
+@pytest.mark.slow
 def test_more_epochs_on_resume_stretch_the_schedule(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 2))
     train.main(train_args(data_dir, tmp_path, 'longer', 'mixup_cutmix', 4))
@@ -68,6 +70,7 @@ def test_more_epochs_on_resume_stretch_the_schedule(data_dir, tmp_path, capsys):
     assert (tmp_path / 'longer' / 'config.yaml').read_text() == config         # the record is untouched
 
 
+@pytest.mark.slow
 def test_resume_auto_refuses_to_start_over_when_no_checkpoint_can_be_read(data_dir, tmp_path):
     args = train_args(data_dir, tmp_path, 'unreadable', 'mixup_cutmix', 1)
     train.main(args)
@@ -79,6 +82,7 @@ def test_resume_auto_refuses_to_start_over_when_no_checkpoint_can_be_read(data_d
     assert (tmp_path / 'unreadable' / 'last.pth.tar').read_bytes() == b'damaged'    # nothing overwritten
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp_path, capsys):
     args = train_args(data_dir, tmp_path, 'older', 'mixup_cutmix', 3, '--checkpoint-hist', '3')
     train.main(args)
@@ -103,6 +107,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(data_dir, tmp
     assert train.main(again)['epoch'] == 1      # --resume auto goes on from the new history, not epoch 2
 
 
+@pytest.mark.slow
 def test_resume_from_another_folders_checkpoint_ranks_only_this_folders_epochs(data_dir, tmp_path, monkeypatch,
                                                                               capsys):
     train.main(train_args(data_dir, tmp_path, 'first', 'mixup_cutmix', 2))

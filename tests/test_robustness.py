@@ -167,6 +167,7 @@ def test_model_and_weights_errors(colour_model, tmp_path):
     assert set(NAMED_SUBSETS) == {'imagenet-a', 'imagenet-r'}
 
 
+@pytest.mark.slow
 def test_robustness_report(colour_model, tmp_path):
     """scripts/robustness.py: one row per checkpoint, clean / occlusion / ImageNet-A / ImageNet-R / ImageNet-O
     columns, a plot. ImageNet-O here holds copies of the val images: every confidence ties, so AUPR = 50 %."""
@@ -313,6 +314,7 @@ def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path)
     assert 'not classes of the model' in str(err.value)
 
 
+@pytest.mark.slow
 def test_ood_scores_of_every_rank_are_gathered(tmp_path):
     """ImageNet-O under DDP: each rank scores its own shard (of any size); AUPR needs all of them. Two gloo
     processes meet through a file (no port to collide with other jobs)."""

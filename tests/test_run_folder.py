@@ -7,7 +7,8 @@ from conftest import load_state, train_args
 from mixpro.run_folder import RunLock
 
 
-def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_over(data_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_locked_folder_is_refused_and_a_dead_holder_taken_over(data_dir, tmp_path, capsys):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     holder = RunLock(run_dir)
@@ -22,7 +23,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_a_dead_holder_is_taken_o
     assert (run_dir / '.lock').read_text() == ''             # released cleanly at the end
 
 
-def test_a_run_that_fails_before_writing_anything_leaves_no_folder_but_keeps_one_it_found(data_dir, tmp_path):
+def test_a_failed_start_leaves_no_folder_but_keeps_one_it_found(data_dir, tmp_path):
     with pytest.raises(SystemExit, match="'no_such_model' is not a timm model"):
         train.main([*train_args(data_dir, tmp_path, 'new', 'mixpro', 1), '--model', 'no_such_model'])
     assert not (tmp_path / 'new').exists()
@@ -32,6 +33,7 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder_but_keeps_one
     assert (tmp_path / 'mine').is_dir()
 
 
+@pytest.mark.slow
 def test_resume_none_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'kept', 'mixup_cutmix', 1))
     before = load_state(tmp_path / 'kept' / 'last.pth.tar')['state_dict']

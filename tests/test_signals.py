@@ -11,6 +11,8 @@ import torch
 import train
 from conftest import REPO, STEPS, load_state, read_summary, signal_during_mixer_call, train_args, xcit_train_args
 
+pytestmark = pytest.mark.slow   # subprocesses or several training runs: seconds each
+
 
 def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_exact_with_workers(data_dir, tmp_path, monkeypatch,
                                                                                 capsys):

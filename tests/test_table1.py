@@ -50,6 +50,7 @@ def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
     assert (tmp_path / 'sbatch' / 'submit_all.sh').read_text().count('sbatch ') == 42
 
 
+@pytest.mark.slow
 def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_path, capsys):
     planned = table1.main(['plan', '--slurm', str(tmp_path), '--', '--log-wandb', '--wandb-project', 'table 1'])
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torchrun')]
@@ -71,6 +72,7 @@ def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_pa
     assert not (tmp_path / 'bad').exists()
 
 
+@pytest.mark.slow
 def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tmp_path, capsys):
     from mixpro.config import parse_train_args
     planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path)])

@@ -10,6 +10,8 @@ from mixpro import AttentionProbe, Mixer
 from mixpro.config import parse_train_args
 from mixpro.training import build_model
 
+pytestmark = pytest.mark.slow   # subprocesses or several training runs: seconds each
+
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 # Table 1 parameter counts (MixPro, ICLR 2023); XCiT's are given in whole millions there
 TABLE1_PARAMS = {

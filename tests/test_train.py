@@ -35,6 +35,7 @@ EXTRA = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', list(EXTRA))
 def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method):
     result = train.main(train_args(data_dir, tmp_path, method, method, 2, '--model-ema',
@@ -63,6 +64,7 @@ def test_each_method_trains_and_writes_its_run_folder(data_dir, tmp_path, method
     assert again.mix_method == method and again.model_kwargs == state['args']['model_kwargs']
 
 
+@pytest.mark.slow
 def test_val_interval_evaluates_every_nth_and_the_last_epoch_and_ranks_only_those(data_dir, tmp_path, capsys):
     result = train.main(train_args(data_dir, tmp_path, 'sparse', 'mixpro', 3, '--val-interval', '2',
                                    '--model-ema', '--model-ema-decay', '0.5'))
@@ -90,6 +92,7 @@ def test_val_interval_evaluates_every_nth_and_the_last_epoch_and_ranks_only_thos
     assert again['epoch'] == 3 and 'eval' in again                        # the last epoch is evaluated
 
 
+@pytest.mark.slow
 def test_eval_metric_ranks_the_best_checkpoints_by_the_ema_loss(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match='--eval-metric ema_loss.*needs --model-ema'):
         train.main(train_args(data_dir, tmp_path, 'r', 'mixpro', 3, '--eval-metric', 'ema_loss'))
@@ -104,6 +107,7 @@ def test_eval_metric_ranks_the_best_checkpoints_by_the_ema_loss(data_dir, tmp_pa
     assert '--wandb-project p1 logs nothing' in out and 'without --log-wandb' in out
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_path, monkeypatch):
     args = train_args(data_dir, tmp_path, 'straight', 'mixpro', 3, '--model-ema', '--model-ema-decay', '0.9',
                       '--drop-path', '0.1')
@@ -135,6 +139,7 @@ def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_
     assert [int(r['epoch']) for r in read_summary(tmp_path / 'crashed')] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_auto_resume_refuses_a_run_with_other_settings(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 1))
     with pytest.raises(SystemExit, match='other settings') as err:
@@ -176,6 +181,7 @@ def fake_wandb(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_log_wandb_mirrors_the_epoch_scalars_into_one_wandb_run_across_resumes(data_dir, tmp_path, fake_wandb):
     wandb_args = ['--log-wandb', '--wandb-project', 'table1']
     train.main([*train_args(data_dir, tmp_path, 'watched', 'mixpro', 2), *wandb_args])
@@ -225,6 +231,7 @@ def test_log_wandb_without_the_package_is_one_line_before_anything_runs(data_dir
     assert not (tmp_path / 'unwatched').exists()
 
 
+@pytest.mark.slow
 def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
     train.main(train_args(data_dir, tmp_path, 'run', 'transmix', 2, '--model-ema', '--model-ema-decay', '0.5'))
     best = tmp_path / 'run' / 'model_best.pth.tar'
@@ -258,6 +265,7 @@ def test_validate_reproduces_the_in_training_top1(data_dir, tmp_path):
         validate.main(['--checkpoint', str(best), '--torchcompile', 'no_such'])
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_checkpoint_that_does_not_fit(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'run', 'mixup_cutmix', 1))
     checkpoint = str(tmp_path / 'run' / 'last.pth.tar')
@@ -300,6 +308,7 @@ def test_attention_methods_refuse_models_without_class_token(data_dir, tmp_path)
         train.main([*args, '--model', 'resnet18'])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_validate(data_dir, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
@@ -331,6 +340,7 @@ def pvt_args(data_dir, out, experiment, mask_cell):
     return [*args, '--model', 'pvt_tiny', '--img-size', '64', '--mask-cell', str(mask_cell)]
 
 
+@pytest.mark.slow
 def test_pvt_trains_with_mixpro_on_its_32px_token_grid(data_dir, tmp_path):
     result = train.main(pvt_args(data_dir, tmp_path, 'pvt', 32))
     assert result['eval']['count'] == 18

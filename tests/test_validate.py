@@ -7,6 +7,8 @@ import train
 import validate
 from conftest import load_state, train_args
 
+pytestmark = pytest.mark.slow   # subprocesses or several training runs: seconds each
+
 
 def test_validate_uses_the_checkpoint_precision_unless_told(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'bf16', 'maskmix', 1, '--amp', '--amp-dtype', 'bfloat16'))

@@ -82,6 +82,7 @@ def _validate(argv):
     return result[0] if isinstance(result, list) else result   # one row per checkpoint in newer validate.py
 
 
+@pytest.mark.slow
 def test_an_epoch_trains_and_validate_counts_every_image_once(shards, tmp_path, capsys):
     result = train.main(wds_args(shards, tmp_path))
     out = capsys.readouterr().out
@@ -167,6 +168,7 @@ def test_training_shards_go_to_ranks_and_workers_and_move_with_the_epoch(tmp_pat
         set_loader_epoch(loaders[0], 3, start_batch=1)
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_stop_redoes_that_epoch_from_its_first_step(shards, tmp_path, monkeypatch, capsys):
     args = wds_args(shards, tmp_path, 'stopped', '--epochs', '2')
     signal_during_mixer_call(monkeypatch, 3 + 2, signal.SIGTERM)        # epoch 1, step 2 of 3
