@@ -65,7 +65,8 @@ def use_sync_bn(model, distributed: bool):
     """``model`` with SyncBatchNorm in place of BatchNorm (--sync-bn), where that can act."""
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if not (has_bn and distributed):
-        why = 'the model has no BatchNorm layer' if not has_bn else 'the run has one process'
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        why = f"model '{name}' has no BatchNorm layer" if not has_bn else 'the run has one process'
         _logger.info(f'note: --sync-bn changes nothing: {why}')
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

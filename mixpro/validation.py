@@ -212,11 +212,11 @@ def _numbered_classes(root: Path, class_to_idx, num_outputs: Optional[int] = Non
 
 def _data_location(args, loaded: LoadedModel) -> Tuple[str, str]:
     """``(data_dir, split)``: the options', else a train.py checkpoint's own data folder and val split."""
-    run = loaded.options if loaded.from_run else {}
-    data_dir = args.data_dir or run.get('data_dir')
+    trained = loaded.options if loaded.from_run else {}
+    data_dir = args.data_dir or trained.get('data_dir')
     if not data_dir:
         raise ConfigError('--data-dir is required for a model that is not a train.py checkpoint')
-    split = args.split if args.split is not None else run.get('val_split', 'val')   # the run's own val split
+    split = args.split if args.split is not None else trained.get('val_split', 'val')   # the run's own val split
     return data_dir, split
 
 
@@ -241,11 +241,11 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     """``(loader, model to evaluate, data config, split label)`` for one loaded model: its dataset with the
     class index its outputs need, and the model restricted to ``--class-subset`` where one is given, or
     wrapped in a ``RealLabelScorer`` for ``--real-labels``."""
-    run = loaded.options if loaded.from_run else {}
-    dataset_name = run.get('dataset', '') if args.dataset is None else args.dataset
+    trained = loaded.options if loaded.from_run else {}
+    dataset_name = trained.get('dataset', '') if args.dataset is None else args.dataset
     data_dir, split_name = _data_location(args, loaded)
     # a run's --class-map labels its ImageFolder data only (a --dataset ignores one stored beside it)
-    class_map = run.get('class_map', '') if not dataset_name else ''
+    class_map = trained.get('class_map', '') if not dataset_name else ''
     model, class_to_idx = network(args, loaded), loaded.class_to_idx
     real_labels = getattr(args, 'real_labels', None)
     if real_labels:   # before reading any data: refuse what ReaL cannot score
@@ -265,7 +265,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     dataset = build_dataset(data_dir, split_name, is_training=False, dataset=dataset_name, class_map=class_map,
                             download=args.dataset_download, class_to_idx=class_to_idx)
     classes = num_classes_of(dataset)
-    expected = run.get('num_classes')
+    expected = trained.get('num_classes')
     if not args.class_subset and expected and (dataset_name or not class_to_idx) and classes != expected:
         # the run's own class index labels an ImageFolder (a split missing some classes is fine);
         # other datasets, and checkpoints without a class index, must have the run's class count
@@ -275,7 +275,7 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
         model = RealLabelScorer(model, real_label_sets(dataset, read_real_labels(real_labels), real_labels))
     data_config = _data_config(args, loaded)
     loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info,   # as the run evaluated
-                         data_backend=run.get('data_backend', 'pillow'))
+                         data_backend=trained.get('data_backend', 'pillow'))
     split = f'{dataset_name}:{split_name}' if dataset_name else str(Path(data_dir) / split_name)
     return loader, model, data_config, split
 
@@ -357,9 +357,9 @@ def ood_detection(args, loaded: LoadedModel, dist_info, ood_folder: str, option:
     amp_dtype, _ = precision(args, loaded.options)
     amp = autocast(dist_info.device, amp_dtype)
     confidence = {}
+    backend = loaded.options.get('data_backend', 'pillow') if loaded.from_run else 'pillow'
     for name, dataset in datasets.items():
-        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info,   # as the run evaluated
-                         data_backend=run.get('data_backend', 'pillow'))
+        loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info, data_backend=backend)
         try:
             confidence[name] = gather_cat(max_softmax(model, loader, dist_info.device, amp))
         finally:

@@ -10,8 +10,7 @@ import torch
 import train
 import validate
 from conftest import xcit_train_args
-from mixpro.distributed import DistInfo
-from mixpro.training import build_model, use_sync_bn
+from mixpro.build import create_model, model_options, use_sync_bn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,17 +49,18 @@ def test_sync_bn_is_refused_without_cuda_in_one_line(data_dir, tmp_path):
 
 def test_sync_bn_converts_batchnorm_only_where_processes_share_it(data_dir, tmp_path, capsys):
     args = train.parse_train_args(xcit_args(data_dir, tmp_path, 'r'))
-    args.sync_bn = True
-    two_ranks = DistInfo(rank=0, world_size=2)
-    model = use_sync_bn(build_model(args, 3), args, two_ranks)
+
+    def build_model():
+        return create_model(args.model, 3, **model_options(args))
+    model = use_sync_bn(build_model(), distributed=True)
     kinds = {type(m) for m in model.modules()}
     assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
-    assert model.load_state_dict(build_model(args, 3).state_dict()) is not None   # the same keys as BatchNorm
+    assert model.load_state_dict(build_model().state_dict()) is not None   # the same keys as BatchNorm
 
-    alone = use_sync_bn(build_model(args, 3), args, DistInfo())
+    alone = use_sync_bn(build_model(), distributed=False)
     assert torch.nn.SyncBatchNorm not in {type(m) for m in alone.modules()}
     assert 'the run has one process' in capsys.readouterr().out
     args.model, args.model_kwargs = 'deit_tiny_patch16_224', {'depth': 1}
-    use_sync_bn(build_model(args, 3), args, two_ranks)
+    use_sync_bn(build_model(), distributed=True)
     out = capsys.readouterr().out
     assert "'deit_tiny_patch16_224'" in out and 'no BatchNorm' in out

@@ -59,7 +59,7 @@ def test_missing_recipe_is_named(tmp_path):
 
 
 def test_command_line_values_are_checked_too():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="invalid choice: 'cutmixup'"):
         parse_train_args(['--mix-method', 'cutmixup'])
 
 

@@ -1,7 +1,6 @@
 """--dataset: torchvision datasets in their standard layout, written by the tests (nothing is downloaded)."""
 import pickle
 import struct
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def test_cifar10_trains_and_validates_with_every_test_image_once(tmp_path, no_md
 def test_cifar100_labels_come_from_its_fine_labels(tmp_path, no_md5):
     root = write_cifar(tmp_path / 'c100', classes=100, train=200, test=100, fine=True)
     args = parse_train_args(['--dataset', 'torch/cifar100', '--data-dir', str(root)])
-    train_set = build_dataset(args, 'train', is_training=True)
+    train_set = build_dataset(args.data_dir, 'train', is_training=True, dataset=args.dataset)
     assert num_classes_of(train_set) == 100 and len(train_set) == 200
     assert [train_set[i][1] for i in range(3)] == [0, 1, 2]
 
@@ -143,7 +142,6 @@ def test_eval_prefetcher_gives_the_host_pipelines_numbers(data_dir):
     """On CUDA the eval loader hands uint8 images to timm's prefetcher, which normalises on the device;
     forced on here (CPU), it must give the metrics of the host-normalised pipeline."""
     import timm
-    from argparse import Namespace
     from timm.data import resolve_data_config
     from mixpro.data import build_dataset, eval_loader
     from mixpro.distributed import DistInfo
@@ -153,10 +151,9 @@ def test_eval_prefetcher_gives_the_host_pipelines_numbers(data_dir):
                               img_size=16, num_classes=3).eval()
     config = resolve_data_config({'img_size': 16, 'crop_pct': 1.0}, model=model)
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device('cpu'))
-    args = Namespace(data_dir=str(data_dir), dataset='', dataset_download=False, class_map='')
     results = {}
     for prefetch in (False, True):
-        loader = eval_loader(build_dataset(args, 'val', False), config, 5, 0, dist, prefetch=prefetch)
+        loader = eval_loader(build_dataset(str(data_dir), 'val', False), config, 5, 0, dist, prefetch=prefetch)
         results[prefetch] = [evaluate(model, OccludedBatches(loader, ratio, config['mean'], config['std'], patch=4),
                                       dist.device) for ratio in (0.0, 0.5)]
     assert results[True][0]['count'] == results[False][0]['count'] == 18
@@ -168,7 +165,5 @@ def test_eval_prefetcher_gives_the_host_pipelines_numbers(data_dir):
 @pytest.mark.parametrize('dataset, how', [('torch/cifar10', 'by its own classes'), ('wds/shards', '.cls integers')])
 def test_class_map_with_a_named_dataset_is_refused_not_ignored(tmp_path, dataset, how):
     (tmp_path / 'map.txt').write_text('3\n1\n')
-    args = Namespace(data_dir=str(tmp_path), dataset=dataset, dataset_download=False,
-                     class_map=str(tmp_path / 'map.txt'))
     with pytest.raises(ConfigError, match=f'--class-map .*--dataset {dataset}.*{how}'):
-        build_dataset(args, 'train', is_training=True)
+        build_dataset(str(tmp_path), 'train', is_training=True, dataset=dataset, class_map=str(tmp_path / 'map.txt'))

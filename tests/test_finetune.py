@@ -12,7 +12,7 @@ import train
 from conftest import make_image_folder, train_args
 from mixpro.config import ConfigError, parse_train_args
 from mixpro.finetune import load_initial_weights, read_weights
-from mixpro.training import build_model
+from mixpro.build import create_model, model_options
 
 BODY = 'blocks.0.attn.qkv.weight'
 
@@ -40,9 +40,9 @@ def finetune_args(data, out, init, experiment='ft', epochs=1, *extra):
 def test_new_head_and_resized_pos_embed_keep_the_body_weights(source, four_classes, tmp_path, capsys):
     args = parse_train_args(finetune_args(four_classes, tmp_path, source))
     src = torch.load(source, weights_only=True)['state_dict']
-    model = build_model(args, 4)
+    model = create_model(args.model, 4, **model_options(args))
     fresh_head = model.head.weight.clone()
-    line = load_initial_weights(model, args, is_primary=True)
+    line = load_initial_weights(model, args)
     assert capsys.readouterr().out.strip() == line
     assert 'pos_embed resized 4x4 -> 6x6' in line
     assert 'head.weight/head.bias re-initialised' in line and '3 -> 4 classes' in line and '0 missing' in line
@@ -98,8 +98,8 @@ def test_pretrained_weights_are_fitted_like_a_file(monkeypatch):
     published = timm.create_model('deit_tiny_patch16_224').state_dict()   # stands in for the hub's file
     monkeypatch.setattr(timm.models._builder, 'load_state_dict_from_hf', lambda *a, **k: dict(published))
     args = parse_train_args(['--model', 'deit_tiny_patch16_224', '--img-size', '32', '--pretrained'])
-    model = build_model(args, 4)
-    line = load_initial_weights(model, args, is_primary=False)
+    model = create_model(args.model, 4, **model_options(args))
+    line = load_initial_weights(model, args)
     assert line.startswith('initial weights') and "timm's pretrained" in line and '.fb_in1k' in line
     assert 'pos_embed resized 14x14 -> 2x2' in line and 're-initialised (1000 -> 4 classes)' in line
     assert torch.equal(model.state_dict()[BODY], published[BODY])

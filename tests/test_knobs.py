@@ -2,7 +2,6 @@
 --sched-on-updates, --bce-loss. Each test shows the knob's effect, so a knob that is silently dropped fails."""
 import re
 import signal
-from argparse import Namespace
 
 import pytest
 import timm
@@ -12,7 +11,9 @@ import torch.nn.functional as F
 import mixpro.models  # noqa: F401  (registers PVT and CA-Swin)
 import train
 from conftest import read_summary, signal_during_mixer_call, train_args
-from mixpro import training
+from mixpro import build, training
+from mixpro.build import create_model, create_optimizer, wrap_for_training
+from mixpro.config import ConfigError
 from mixpro.mixer import Mixer
 
 STEPS = 4   # 3 classes x 12 train images, batch 8, drop_last
@@ -25,12 +26,12 @@ def _load(path):
 def _capture_optimizer(monkeypatch) -> dict:
     """Keep the model and the optimizer that run() builds."""
     built = {}
-    real = training.build_optimizer
+    real = training.create_optimizer
 
-    def building(model, args, lr):
-        built['model'], built['optimizer'] = model, real(model, args, lr)
+    def building(model, **options):
+        built['model'], built['optimizer'] = model, real(model, **options)
         return built['optimizer']
-    monkeypatch.setattr(training, 'build_optimizer', building)
+    monkeypatch.setattr(training, 'create_optimizer', building)
     return built
 
 
@@ -78,9 +79,8 @@ SMALL = {   # the real layer structure with few blocks: group_matcher decides th
 @pytest.mark.parametrize('name', list(SMALL))
 def test_layer_decay_groups_every_model_family_by_depth(name):
     model = timm.create_model(name, num_classes=5, **SMALL[name])
-    args = Namespace(opt='adamw', weight_decay=0.05, momentum=0.9, opt_eps=1e-8, opt_betas=None, opt_kwargs={},
-                     layer_decay=0.75)
-    optimizer = training.build_optimizer(model, args, 1e-3)
+    optimizer = create_optimizer(model, opt='adamw', lr=1e-3, weight_decay=0.05, momentum=0.9, opt_eps=1e-8,
+                                 layer_decay=0.75)
     scale_of = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
     scales = {n: scale_of[id(p)] for n, p in model.named_parameters()}
     head = [n for n in scales if n.startswith('head')]
@@ -203,16 +203,16 @@ def test_bce_loss_trains_on_the_attention_relabelled_target(data_dir, tmp_path, 
 
 
 # ---- --grad-checkpointing -----------------------------------------------------------------------
-def _model_args(name, **extra):
-    return Namespace(model=name, model_kwargs=SMALL[name], drop=0.0, drop_path=0.0, img_size=None, **extra)
+def _small_model(name, grad_checkpointing=False):
+    return create_model(name, 5, model_kwargs=SMALL[name], grad_checkpointing=grad_checkpointing)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', list(SMALL))
 def test_grad_checkpointing_gives_the_same_gradients_in_every_family(name):
     torch.manual_seed(0)
-    plain = training.build_model(_model_args(name), 5).train()
-    recomputed = training.build_model(_model_args(name, grad_checkpointing=True), 5).train()
+    plain = _small_model(name).train()
+    recomputed = _small_model(name, grad_checkpointing=True).train()
     recomputed.load_state_dict(plain.state_dict())
     x, y = torch.randn(2, 3, 224, 224), torch.tensor([1, 3])
     grads = []
@@ -253,10 +253,9 @@ def test_grad_checkpointing_reads_the_attention_once_per_step(data_dir, tmp_path
 
 def test_grad_checkpointing_on_a_model_without_it_is_one_line(monkeypatch):
     model = torch.nn.Linear(3, 3)
-    monkeypatch.setattr(training.timm, 'create_model', lambda *a, **k: model)
-    with pytest.raises(training.ConfigError, match="--grad-checkpointing: model 'linear'") as err:
-        training.build_model(Namespace(model='linear', model_kwargs={}, drop=0.0, drop_path=0.0, img_size=None,
-                                       grad_checkpointing=True), 3)
+    monkeypatch.setattr(build.timm, 'create_model', lambda *a, **k: model)
+    with pytest.raises(ConfigError, match="--grad-checkpointing: model 'linear'") as err:
+        create_model('linear', 3, grad_checkpointing=True)
     assert 'cannot recompute' in str(err.value)
 
 
@@ -266,14 +265,12 @@ def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_at
     the forward stays one graph on steps that read the attention, and the attention is captured."""
     from torch._dynamo.utils import counters
     from mixpro import AttentionProbe
-    from mixpro.distributed import DistInfo
     monkeypatch.setattr(torch._dynamo.config, 'skip_fwd_side_effects_in_bwd_under_checkpoint', False)
     torch._dynamo.reset()
     counters.clear()
-    model = training.build_model(_model_args('deit_tiny_patch16_224', grad_checkpointing=True), 5).train()
+    model = _small_model('deit_tiny_patch16_224', grad_checkpointing=True).train()
     probe = AttentionProbe(model)
-    args = Namespace(torchcompile='aot_eager', grad_checkpointing=True)
-    compiled, _ = training.wrap_for_training(model, args, DistInfo())
+    compiled, _ = wrap_for_training(model, device='cpu', torchcompile='aot_eager', grad_checkpointing=True)
     x = torch.randn(2, 3, 224, 224)
     for _ in range(2):
         probe.enabled = True
@@ -287,7 +284,6 @@ def test_grad_checkpointing_under_torch_compile_keeps_one_graph_and_reads_the_at
 
 
 def test_torchcompile_mode_reaches_torch_compile_and_a_bad_one_is_named(monkeypatch):
-    from mixpro.distributed import DistInfo
     model = torch.nn.Linear(2, 2)
     seen = {}
     real_compile = torch.compile
@@ -296,8 +292,8 @@ def test_torchcompile_mode_reaches_torch_compile_and_a_bad_one_is_named(monkeypa
         seen.update(kwargs)
         return real_compile(module, **kwargs)
     monkeypatch.setattr(torch, 'compile', recording_compile)
-    training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='max-autotune'), DistInfo())
+    wrap_for_training(model, device='cpu', torchcompile='inductor', torchcompile_mode='max-autotune')
     assert seen == {'backend': 'inductor', 'mode': 'max-autotune'}
-    with pytest.raises(training.ConfigError, match='--torchcompile-mode fastest') as err:
-        training.wrap_for_training(model, Namespace(torchcompile='inductor', torchcompile_mode='fastest'), DistInfo())
+    with pytest.raises(ConfigError, match='--torchcompile-mode fastest') as err:
+        wrap_for_training(model, device='cpu', torchcompile='inductor', torchcompile_mode='fastest')
     assert 'mode=fastest' in str(err.value)

@@ -17,8 +17,9 @@ SHALLOW = {'deit': ['depth=1'], 'xcit': ['depth=1', 'cls_attn_layers=1'],
            'cait': ['depth=1', 'depth_token_only=1'], 'pvt': ['depths=(1,1,1,1)'],
            'ca_swin': ['depths=(1,1,1,1)']}
 # every model once; each family and the set as a whole see baseline, TransMix and MixPro where it can.
-# The recipes train in fp16 autocast (imagenet.yaml amp: true). On a CPU that works (GradScaler included)
-# but fp16 matmuls are emulated, 10-35x slower than fp32: only deit_t keeps it, the others run --no-amp.
+# The recipes train in fp16 autocast (imagenet.yaml amp: true), which a CPU run turns off unless asked:
+# fp16 matmuls are emulated there, 10-35x slower than fp32. deit_t asks for it (--amp, GradScaler included).
+# The recipes choose --data-backend tensor, pillow on a CPU unless asked: some models ask, so both run.
 RECIPES = [
     ('deit_t', 'mixpro', 0), ('deit_s', 'transmix', 0), ('deit_b', 'baseline', 0),
     ('pvt_t', 'transmix', 2), ('pvt_s', 'mixpro', 0), ('pvt_m', 'baseline', 0), ('pvt_l', 'mixpro', 0),
@@ -27,6 +28,7 @@ RECIPES = [
 ]
 TRAIN_PER_CLASS, VAL_PER_CLASS, BATCH = 4, 2, 2
 KEEPS_AMP = 'deit_t'
+TENSOR_BACKEND = {'deit_t', 'pvt_t', 'xcit_s', 'ca_swin_s'}   # pvt_t with loader workers
 
 
 def test_recipes_cover_every_table1_model_and_method():
@@ -62,7 +64,8 @@ def test_recipe_trains_one_epoch_on_cpu(jpeg_folder, tmp_path, prefix, method, w
         '--config', str(CONFIGS / f'{experiment}.yaml'), '--data-dir', str(jpeg_folder),
         '--output', str(tmp_path), '--model-kwargs', *SHALLOW[family],
         '--batch-size', str(BATCH), '--epochs', '1', '--workers', str(workers), '--device', 'cpu',
-        '--log-interval', '1', *([] if prefix == KEEPS_AMP else ['--no-amp'])])
+        '--log-interval', '1', *(['--amp'] if prefix == KEEPS_AMP else []),
+        *(['--data-backend', 'tensor'] if prefix in TENSOR_BACKEND else [])])
     run_dir = tmp_path / experiment
     assert (run_dir / 'last.pth.tar').is_file()
     with open(run_dir / 'summary.csv') as f:
@@ -73,3 +76,4 @@ def test_recipe_trains_one_epoch_on_cpu(jpeg_folder, tmp_path, prefix, method, w
     state = torch.load(run_dir / 'last.pth.tar', weights_only=True)
     assert state['epoch'] == 0 and state['args']['aa'] == 'rand-m9-mstd0.5-inc1'
     assert state['args']['amp'] == (prefix == KEEPS_AMP) and (state['scaler'] is not None) == state['args']['amp']
+    assert state['args']['data_backend'] == ('tensor' if prefix in TENSOR_BACKEND else 'pillow')

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mixpro.config import parse_train_args
-from mixpro.training import resolve_lr
+from mixpro.build import resolve_lr
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
@@ -102,11 +102,13 @@ def test_method_matches_file_name(prefix, method):
     assert args['mix_method'] == METHODS[method]
     if method == 'transmix':
         assert args['mixup_switch_prob'] in (None, 0.8)   # None = the method default, 0.8
+        assert args['membership'] == 'nearest'            # official TransMix: nn.Upsample of the box mask
     if method == 'baseline':
         assert args['mixup_switch_prob'] in (None, 0.5)   # None = the method default, 0.5 (DeiT)
     if method == 'mixpro':
         assert args['maskmix_prob'] == 0.5
         assert args['pal_smoothing'] == 0.0   # official MixPro: no label smoothing in the PAL target
+        assert args['pal_detach_alpha'] is False and args['maskmix_lam'] == 'cells'   # official MixPro
 
 
 @pytest.mark.parametrize('prefix', list(MODELS))
@@ -128,8 +130,8 @@ def test_shared_recipe_numbers(prefix):
     # every backbone's recipe: 1024 global batch, AdamW, lr 5e-4 x batch / 512 = 1e-3, wd 0.05, 224 px
     assert args['batch_size'] * GPUS * args['grad_accum_steps'] == 1024
     assert args['lr'] is None, 'the lr must follow the real global batch (lr_base / lr_base_size), not be fixed'
-    assert resolve_lr(parse_train_args(['--config', str(recipe_path(prefix, 'baseline'))]), GPUS) == \
-        pytest.approx(1e-3)
+    assert resolve_lr(args['lr'], lr_base=args['lr_base'], lr_base_size=args['lr_base_size'],
+                      lr_base_scale=args['lr_base_scale'], global_batch=1024) == pytest.approx(1e-3)
     assert (args['opt'], args['weight_decay'], args['sched']) == ('adamw', 0.05, 'cosine')
     # Swin's code steps its timm scheduler every iteration; DeiT, PVT, XCiT and CaiT step it per epoch
     assert args['sched_on_updates'] == prefix.startswith('ca_swin')

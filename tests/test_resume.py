@@ -7,7 +7,7 @@ import yaml
 import train
 from conftest import load_state, make_image_folder, nan_loss_at, read_summary, train_args
 from mixpro.checkpoint import atomic_save, load_checkpoint
-from mixpro.run_folder import choose_resume_checkpoint
+from mixpro.state import choose_resume_checkpoint
 
 
 def parse(argv):
@@ -23,7 +23,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, c
     best = load_checkpoint(run_dir / 'model_best.pth.tar')['epoch']
     with open(run_dir / 'last.pth.tar', 'r+b') as f:
         f.truncate(1000)                                        # a file damaged by a copy or a filesystem fault
-    path, notes = choose_resume_checkpoint(parse(args), run_dir)
+    path, notes = choose_resume_checkpoint(parse(args).resume, run_dir)
     assert path.name == f'checkpoint-{max(e for _, e in load_checkpoint(path)["checkpoint_ranking"])}.pth.tar'
     assert 'last.pth.tar cannot be read' in notes[0] and 'falling back' in notes[-1]
     capsys.readouterr()
@@ -37,10 +37,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, c
 def test_the_newer_of_interrupted_and_last_is_resumed(tmp_path):
     atomic_save({'epoch': 3, 'resume_at': [4, 0]}, tmp_path / 'last.pth.tar')
     atomic_save({'epoch': 3, 'resume_at': [3, 7]}, tmp_path / 'interrupted.pth.tar')   # stale: last is newer
-    args = parse(['--resume', 'auto'])
-    assert choose_resume_checkpoint(args, tmp_path)[0].name == 'last.pth.tar'
+    assert choose_resume_checkpoint('auto', tmp_path)[0].name == 'last.pth.tar'
     atomic_save({'epoch': 4, 'resume_at': [4, 2]}, tmp_path / 'interrupted.pth.tar')
-    assert choose_resume_checkpoint(args, tmp_path)[0].name == 'interrupted.pth.tar'
+    assert choose_resume_checkpoint('auto', tmp_path)[0].name == 'interrupted.pth.tar'
 
 
 def test_a_summary_row_cut_off_by_a_kill_is_dropped_on_resume(tmp_path):

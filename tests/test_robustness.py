@@ -282,7 +282,7 @@ def test_imagenet_o_scores_out_of_distribution_images_as_the_positives(tmp_path)
     _grey_folder(tmp_path / 'imagenet' / 'val', wnids, 230, 4)            # bright: confident, in-distribution
     _grey_folder(tmp_path / 'imagenet' / 'val', ['n00000009'], 0, 5)      # a class ImageNet-O does not have
     _grey_folder(tmp_path / 'imagenet-o', wnids, 20, 2)                   # dark: unsure, out-of-distribution
-    model_args = Namespace(model='brightness', img_size=32, crop_pct=1.0, amp=False, amp_dtype='bfloat16')
+    model_args = dict(model='brightness', img_size=32, crop_pct=1.0, amp=False, amp_dtype='bfloat16')
     loaded = LoadedModel(_Brightness(), 'hand-made', model_args, {w: i for i, w in enumerate(wnids)}, False)
     args = Namespace(data_dir=str(tmp_path / 'imagenet'), split='val', dataset='', crop_pct=None, batch_size=5,
                      workers=0, amp=None, amp_dtype=None)

@@ -204,15 +204,13 @@ def test_header_cpus_follow_the_imagenet_recipes():
 
 def test_table1_sbatch_file_hands_the_signals_to_the_launcher(fake_slurm):
     """table1.py's sbatch files `exec` slurm_train.sbatch: a USR1 to the batch shell still requeues."""
-    import argparse
     import importlib.util
     spec = importlib.util.spec_from_file_location('table1', REPO / 'scripts' / 'table1.py')
     table1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table1)
     folder, env = fake_slurm
-    args = argparse.Namespace(nodes=2, gpus_per_node=8, data_dir='/data/imagenet', output='output', train_options=[])
-    sbatch = folder / 'deit_t_mixpro.sbatch'
-    sbatch.write_text(table1.sbatch_file('deit_t_mixpro', 'configs/deit_t_mixpro.yaml', args))
+    table1.main(['plan', '--data-dir', '/data/imagenet', '--nodes', '2', '--slurm', str(folder / 'jobs')])
+    sbatch = folder / 'jobs' / 'deit_t_mixpro.sbatch'
     proc = subprocess.Popen(['bash', str(sbatch)], env=dict(env, FAKE_MODE='wait'), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_ready(folder, proc)

@@ -1,14 +1,12 @@
 """The train step's clock: time blocked in the loader (data wait) against the rest (compute)."""
 import re
 import time
-from argparse import Namespace
-from contextlib import nullcontext
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
 
 from mixpro import Mixer
-from mixpro.engine import train_one_epoch
+from mixpro.engine import EpochMonitor, TrainStep, train_one_epoch
 
 
 class SlowLoader:
@@ -44,12 +42,12 @@ class NoSchedule:
 
 
 def run_epoch(data_delay, compute_delay):
-    model = SlowModel(compute_delay)
-    args = Namespace(grad_accum_steps=1, channels_last=False, clip_grad=None, clip_mode='norm', log_interval=2)
-    return train_one_epoch(0, model, SlowLoader(data_delay), torch.optim.SGD(model.parameters(), lr=0.1),
-                           SoftTargetCrossEntropy(), Mixer('mixup_cutmix', num_classes=3, seed=0), None,
-                           device=torch.device('cpu'), amp=nullcontext(), scaler=None, ema=None,
-                           scheduler=NoSchedule(), num_updates=0, args=args)[0]
+    model, device = SlowModel(compute_delay), torch.device('cpu')
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, optimizer, SoftTargetCrossEntropy(), Mixer('mixup_cutmix', num_classes=3, seed=0),
+                     device=device, scheduler=NoSchedule())
+    monitor = EpochMonitor(0, 4, optimizer, device=device, log_interval=2)
+    return train_one_epoch(step, SlowLoader(data_delay), monitor)
 
 
 def test_data_wait_and_compute_are_logged_and_returned(capsys):

@@ -1,5 +1,4 @@
 """scripts/table1.py: the launch plan and the report against the paper's Table 1."""
-import argparse
 import csv
 import importlib.util
 import re
@@ -40,45 +39,51 @@ def fake_run(root, name, last_top1s, done=None, ema=None, **settings):
 
 
 def test_plan_lists_42_runs_with_their_recipes(capsys, tmp_path):
-    planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path / 'sbatch')])
-    assert len(planned) == 42 and len({run for run, _ in planned}) == 42
+    planned = table1.main(['plan', '--data-dir', '/d', '--nodes', '2', '--gpus-per-node', '4'])
+    assert len(planned) == 42 and len({run.name for run in planned}) == 42
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torchrun')]
     assert len(commands) == 42
     assert all('--nnodes 2' in c and '--nproc_per_node=4' in c for c in commands)
     assert any('configs/ca_swin_s_mixpro.yaml' in c for c in commands)
+    table1.main(['plan', '--data-dir', '/d', '--nodes', '2', '--gpus-per-node', '4', '--slurm',
+                 str(tmp_path / 'sbatch')])
     assert len(list((tmp_path / 'sbatch').glob('*.sbatch'))) == 42
     assert (tmp_path / 'sbatch' / 'submit_all.sh').read_text().count('sbatch ') == 42
 
 
 @pytest.mark.slow
 def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_path, capsys):
-    planned = table1.main(['plan', '--slurm', str(tmp_path), '--', '--log-wandb', '--wandb-project', 'table 1'])
+    table1.main(['plan', '--data-dir', '/d', '--', '--log-wandb', '--wandb-project', 'table 1'])
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith('torchrun')]
     assert len(commands) == 42 and all(c.endswith("--log-wandb --wandb-project 'table 1'") for c in commands)
-    for run, _ in planned:
-        assert "--log-wandb --wandb-project 'table 1'\n" in (tmp_path / f'{run}.sbatch').read_text()
+    planned = table1.main(['plan', '--data-dir', '/d', '--slurm', str(tmp_path), '--', '--log-wandb',
+                           '--wandb-project', 'table 1'])
+    for run in planned:
+        assert "--log-wandb --wandb-project 'table 1'" in (tmp_path / f'{run.name}.sbatch').read_text()
     with pytest.raises(SystemExit, match='refused with .*unknown option --lgo-wandb') as err:
-        table1.main(['plan', '--slurm', str(tmp_path / 'typo'), '--', '--lgo-wandb'])
+        table1.main(['plan', '--data-dir', '/d', '--slurm', str(tmp_path / 'typo'), '--', '--lgo-wandb'])
     assert 'mean --log-wandb' in str(err.value)
     assert not (tmp_path / 'typo').exists()                  # nothing written for 42 jobs that would fail
     for refused, message in ((['--compile-mixer', 'nope'], 'is not a torch.compile backend'),
                              (['--experiment', 'all'], 'set by the plan for each run'),
                              (['--output=/elsewhere'], 'set by the plan for each run'),
-                             (['--epochs', 'abc'], "refused: .*--epochs: invalid int value: 'abc'$"),
+                             (['--epochs', 'abc'], "refused with .*--epochs: invalid int value: 'abc'$"),
                              # fine for DeiT, refused for the recipes without an EMA (PVT, CA-Swin)
                              (['--eval-metric', 'ema_top1'], 'refused with .*(pvt|ca_swin)_.*--model-ema')):
         with pytest.raises(SystemExit, match=message):
-            table1.main(['plan', '--slurm', str(tmp_path / 'bad'), '--', *refused])
+            table1.main(['plan', '--data-dir', '/d', '--slurm', str(tmp_path / 'bad'), '--', *refused])
     assert not (tmp_path / 'bad').exists()
 
 
 @pytest.mark.slow
 def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tmp_path, capsys):
     from mixpro.config import parse_train_args
-    planned = table1.main(['plan', '--nodes', '2', '--gpus-per-node', '4', '--slurm', str(tmp_path)])
+    planned = table1.main(['plan', '--data-dir', '/d', '--nodes', '2', '--gpus-per-node', '4',
+                           '--slurm', str(tmp_path)])
     capsys.readouterr()
-    for run, config in planned:
-        text = (tmp_path / f'{run}.sbatch').read_text()
+    for run in planned:
+        config = run.config
+        text = (tmp_path / f'{run.name}.sbatch').read_text()
         header = dict(re.findall(r'^#SBATCH --([\w-]+)(?:=(\S+))?$', text, re.M))
         assert header['signal'] == 'B:USR1@300' and 'requeue' in header and header['open-mode'] == 'append'
         workers = parse_train_args(['--config', str(REPO / config)]).workers
@@ -86,8 +91,12 @@ def test_sbatch_files_requeue_at_the_time_limit_and_size_cpus_from_the_recipe(tm
         assert header['nodes'] == '2' and header['gpus-per-node'] == '4'
         assert re.search(r'^exec bash scripts/slurm_train\.sbatch ' + re.escape(config) + ' ', text, re.M)
     # the cpus follow the recipe's workers (quickstart: workers 2), not a fixed number
-    args = argparse.Namespace(nodes=1, gpus_per_node=2, data_dir='/d', output='out', train_options=[])
-    text = table1.sbatch_file('q', 'configs/quickstart_mixpro.yaml', args)
+    quickstart = 'configs/quickstart_mixpro.yaml'
+    args = table1.get_args_parser().parse_args(['plan', '--data-dir', '/d', '--gpus-per-node', '2', '--slurm',
+                                                str(tmp_path)])
+    table1.check_plan_options(args)
+    text = table1.sbatch_file(table1.plan_run('q', quickstart, table1.recipe_args(quickstart, check_machine=False),
+                                              args), args)
     workers = parse_train_args(['--config', str(REPO / 'configs' / 'quickstart_mixpro.yaml')]).workers
     assert f'#SBATCH --cpus-per-task={2 * (workers + 1)}\n' in text
 

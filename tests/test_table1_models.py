@@ -8,7 +8,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from mixpro import AttentionProbe, Mixer
 from mixpro.config import parse_train_args
-from mixpro.training import build_model
+from mixpro.build import create_model, model_options
 
 pytestmark = pytest.mark.slow   # subprocesses or several training runs: seconds each
 
@@ -33,7 +33,7 @@ def recipe(prefix, method='mixpro'):
 def test_recipe_model_has_the_table1_size(prefix):
     args = recipe(prefix)
     with torch.device('meta'):
-        model = build_model(args, 1000)
+        model = create_model(args.model, 1000, **model_options(args))
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - TABLE1_PARAMS[prefix]) / TABLE1_PARAMS[prefix] < 0.01, f'{args.model}: {params:,}'
 
@@ -43,7 +43,7 @@ def test_recipe_model_takes_a_mixpro_step(prefix):
     args = recipe(prefix)
     family = prefix.rsplit('_', 1)[0]
     args.model_kwargs = SHALLOW[family]
-    model = build_model(args, 10).train()
+    model = create_model(args.model, 10, **model_options(args)).train()
     probe = AttentionProbe(model)
     mixer = Mixer('mixpro', num_classes=10, maskmix_prob=1.0, mask_cell=args.mask_cell,
                   token_size=probe.token_size, seed=0)

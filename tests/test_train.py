@@ -117,10 +117,10 @@ def test_resume_continues_at_the_saved_epoch_with_identical_state(data_dir, tmp_
     crash_args = [a if a != 'straight' else 'crashed' for a in args]
     real_epoch = training.train_one_epoch
 
-    def crash_in_epoch_two(epoch, *a, **kw):
-        if epoch == 2:
+    def crash_in_epoch_two(step, loader, monitor, *a, **kw):
+        if monitor.epoch == 2:
             raise KeyboardInterrupt('simulated crash')
-        return real_epoch(epoch, *a, **kw)
+        return real_epoch(step, loader, monitor, *a, **kw)
     monkeypatch.setattr(training, 'train_one_epoch', crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train.main(crash_args)

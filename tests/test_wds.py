@@ -30,6 +30,13 @@ TRAIN_SHARDS = [6, 6, 6, 6]     # 24 images: 3 steps of 8 per epoch in one proce
 VAL_SHARDS = [4, 4, 3]          # 11 images, uneven shards
 
 
+
+def wds_dataset(args, split, is_training, class_to_idx=None):
+    """build_dataset with the wds/ options of a train.py run."""
+    return build_dataset(args.data_dir, split, is_training, dataset=args.dataset, class_to_idx=class_to_idx,
+                         num_classes=getattr(args, 'num_classes', None), batch_size=getattr(args, 'batch_size', 1),
+                         seed=getattr(args, 'seed', 42))
+
 def _image(label: int, index: int, size: int = 16) -> np.ndarray:
     rng = np.random.default_rng(index)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -131,7 +138,7 @@ def test_evaluation_deals_whole_shards_to_ranks_so_every_image_counts_once(tmp_p
     for rank in range(world_size):
         args = Namespace(dataset='wds/ids', data_dir=str(root), dataset_download=False, class_map='')
         with as_rank(monkeypatch, rank, world_size):
-            dataset = build_dataset(args, 'val', is_training=False)
+            dataset = wds_dataset(args, 'val', is_training=False)
         assert dataset.reader.dist_num_replicas == world_size
         loader = eval_loader(dataset, config, 2, workers, DistInfo(rank=rank, world_size=world_size))
         closing.append(loader)
@@ -147,10 +154,10 @@ def test_training_shards_go_to_ranks_and_workers_and_move_with_the_epoch(tmp_pat
     options = dict(dataset='wds/ids', data_dir=str(root), dataset_download=False, class_map='', num_classes=None,
                    batch_size=2, seed=0, workers=2, pin_mem=False, aug_repeats=0, scale=(0.5, 1.0),
                    ratio=(0.75, 1.33), hflip=0.5, vflip=0.0, color_jitter=0.0, aa=None, train_interpolation='bilinear',
-                   reprob=0.0, remode='pixel', recount=1, train_split='train')
+                   reprob=0.0, remode='pixel', recount=1, train_split='train', data_backend='pillow')
     loaders = closing
     for rank in range(2):
-        dataset = build_dataset(Namespace(**options), 'train', is_training=True)
+        dataset = wds_dataset(Namespace(**options), 'train', is_training=True)
         loaders.append(train_loader(dataset, config, Namespace(**options), DistInfo(rank=rank, world_size=2)))
     assert [len(loader) for loader in loaders] == [4, 4]    # 16 images / 2 ranks / batch 2
     rank0_epochs = []
@@ -231,10 +238,10 @@ def test_bad_shard_folders_are_one_line(tmp_path, problem, message):
     elif problem == 'unknown_split':
         split = 'val2'
     with pytest.raises(ConfigError, match=message):
-        dataset = build_dataset(args, 'val' if problem == 'too_few_shards' else split, is_training=True)
+        dataset = wds_dataset(args, 'val' if problem == 'too_few_shards' else split, is_training=True)
         options = Namespace(**vars(args), workers=0, pin_mem=False, aug_repeats=0, train_split='val', scale=None,
                             ratio=None, hflip=0.5, vflip=0.0, color_jitter=0.0, aa=None, train_interpolation='bilinear',
-                            reprob=0.0, remode='pixel', recount=1)
+                            reprob=0.0, remode='pixel', recount=1, data_backend='pillow')
         train_loader(dataset, {'input_size': (3, 16, 16), 'mean': (0.5,) * 3, 'std': (0.5,) * 3}, options,
                      DistInfo(rank=0, world_size=2))
 
@@ -243,8 +250,8 @@ def test_num_classes_option_or_info_gives_the_class_index(tmp_path):
     root = write_shards(tmp_path / 'data', train=[4], val=[2])
     args = Namespace(dataset='wds/x', data_dir=str(root), dataset_download=False, class_map='', num_classes=5,
                      batch_size=2, seed=0)
-    assert build_dataset(args, 'train', True).reader.class_to_idx == {str(i): i for i in range(5)}
+    assert wds_dataset(args, 'train', True).reader.class_to_idx == {str(i): i for i in range(5)}
     _meta(root, num_classes=3)
-    assert build_dataset(args, 'train', True).reader.class_to_idx == {'0': 0, '1': 1, '2': 2}
+    assert wds_dataset(args, 'train', True).reader.class_to_idx == {'0': 0, '1': 1, '2': 2}
     with pytest.raises(ConfigError, match='classes differ'):
-        build_dataset(args, 'val', False, class_to_idx={'a': 0, 'b': 1, 'c': 2})
+        wds_dataset(args, 'val', False, class_to_idx={'a': 0, 'b': 1, 'c': 2})
