@@ -2,6 +2,7 @@
 """Compare training runs: one markdown table row per run folder (optionally also a CSV).
 
     python scripts/compare_runs.py RUN [RUN ...] [--csv FILE] [--sort {none,name,top1,best_top1,ema_top1}]
+    python scripts/compare_runs.py output/quickstart --group-seeds [--robustness output/quickstart/robustness.csv]
 
 A RUN is a folder written by train.py (summary.csv, config.yaml, TensorBoard events). A folder
 that is not a run itself is replaced by its run subfolders, so `compare_runs.py output/` compares
@@ -9,10 +10,17 @@ every run below it. Metrics come from summary.csv (timm's format, columns read b
 the TensorBoard scalars when summary.csv is absent or empty. Broken runs become rows with the
 reason in the note column instead of stopping the report.
 
+--group-seeds prints one row per recipe instead: run folders whose names differ only in a `_s<seed>`
+suffix (quickstart_mixpro_s42, quickstart_mixpro_s43) form a group, and every cell is the mean ± sample
+standard deviation over the group's runs, with [min–max] for the top-1 columns. --robustness adds the
+columns of a scripts/robustness.py CSV (its rows name RUN/model_best.pth.tar) the same way.
+
 `collect_runs(paths)` and `to_markdown(rows)` are meant to be reused by report scripts.
 """
 import argparse
 import csv
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -273,13 +281,119 @@ def write_csv(rows, path):
             writer.writerow({k: '' if r[k] is None else r[k] for k in FIELDS})
 
 
+SEED_SUFFIX = re.compile(r'^(?P<group>.+)_s(?P<seed>\d+)$')
+
+
+def seed_group(run):
+    """('quickstart_mixpro', '42') for 'quickstart_mixpro_s42'; a name without the suffix is its own group."""
+    match = SEED_SUFFIX.match(run)
+    return (match['group'], match['seed']) if match else (run, None)
+
+
+def read_robustness(path):
+    """{run folder name: {column: top-1}} from a robustness.py CSV, and its column names in order."""
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if c != 'checkpoint']
+        table = {}
+        for row in reader:
+            run = Path(row['checkpoint']).parent.name   # robustness.py labels model_best files RUN/model_best.pth.tar
+            table[run] = {c: _number(row[c]) for c in columns}
+    return table, columns
+
+
+def group_seeds(rows, robustness=None):
+    """One dict per group of runs (see seed_group), in the order the groups first appear.
+
+    Each holds the group's name, its rows, its seeds, for every number column (the top-1 ones, and the
+    robustness columns where a table is given) the list of its runs' values, missing ones left out, and
+    how many of its runs the robustness table lacks."""
+    robustness = robustness or {}
+    groups = {}
+    for row in rows:
+        name, seed = seed_group(row['run'])
+        group = groups.setdefault(name, {'group': name, 'rows': [], 'seeds': [], 'values': {},
+                                         'not_in_robustness': 0})
+        group['rows'].append(row)
+        if seed is not None:
+            group['seeds'].append(seed)
+        numbers = {field: row[field] for field in ('final_top1', 'best_top1', 'best_ema_top1')}
+        if row['run'] in robustness:
+            numbers.update(robustness[row['run']])
+        else:
+            group['not_in_robustness'] += 1
+        for column, value in numbers.items():
+            values = group['values'].setdefault(column, [])
+            if value is not None:
+                values.append(value)
+    return list(groups.values())
+
+
+def spread(values, with_range=True):
+    """'mean ± std [min–max]' (sample std); one value alone is shown as it is, none as an empty cell."""
+    if not values:
+        return ''
+    if len(values) == 1:
+        return f'{values[0]:.1f}'
+    text = f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}'
+    return text + (f' [{min(values):.1f}–{max(values):.1f}]' if with_range else '')
+
+
+def sort_groups(groups, key):
+    if key in (None, 'none'):
+        return list(groups)
+    if key == 'name':
+        return sorted(groups, key=lambda g: g['group'])
+    field = SORT_KEYS[key]
+
+    def mean(group):
+        values = group['values'].get(field)
+        return statistics.mean(values) if values else None
+    return sorted(groups, key=lambda g: (mean(g) is None, -(mean(g) or 0.0)))   # best mean first
+
+
+def groups_to_markdown(groups, robustness_columns=()):
+    # the EMA column only where a run has EMA numbers: the quickstart recipes have none
+    with_ema = any(g['values'].get('best_ema_top1') for g in groups)
+    header = (['runs', 'n', 'seeds', 'method', 'top-1 final', 'top-1 best']
+              + (['EMA top-1 best'] if with_ema else []) + list(robustness_columns) + ['note'])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for g in groups:
+        rows = g['rows']
+        methods = sorted({r['method'] for r in rows if r['method']})
+        notes = []
+        unfinished = sum(bool(r['unfinished']) for r in rows)
+        if unfinished:
+            notes.append(f'{unfinished} unfinished')
+        without = sum(r['final_top1'] is None for r in rows)
+        if without:
+            notes.append(f'{without} without top-1')
+        if robustness_columns and g['not_in_robustness']:
+            notes.append(f"{g['not_in_robustness']} not in the robustness table")
+        cells = [_fmt(g['group']), str(len(rows)), ' '.join(g['seeds']), _fmt(', '.join(methods)),
+                 spread(g['values']['final_top1']), spread(g['values']['best_top1'])]
+        if with_ema:
+            cells.append(spread(g['values']['best_ema_top1']))
+        cells += [spread(g['values'].get(c, []), with_range=False) for c in robustness_columns]
+        cells.append('; '.join(notes))
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('runs', nargs='+', metavar='RUN', help='run folder, or a folder of run folders')
     parser.add_argument('--csv', metavar='FILE', help='also write every field to this CSV file')
     parser.add_argument('--sort', default='none', choices=['none', 'name', *SORT_KEYS],
                         help='row order: as given (none), by name, or by a top-1 column, best first')
+    parser.add_argument('--group-seeds', action='store_true',
+                        help='one row per group of runs named NAME_s<seed>: mean ± std over the seeds, and n '
+                             '(--csv still writes one row per run)')
+    parser.add_argument('--robustness', metavar='FILE',
+                        help='with --group-seeds: also the columns of this scripts/robustness.py CSV')
     args = parser.parse_args(argv)
+    if args.robustness and not args.group_seeds:
+        parser.error('--robustness adds columns to the --group-seeds table; add --group-seeds')
 
     try:
         rows = collect_runs(args.runs)
@@ -287,7 +401,18 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         return 2
     rows = sort_rows(rows, args.sort)
-    print(to_markdown(rows), end='')
+    if args.group_seeds:
+        robustness, robustness_columns = {}, []
+        if args.robustness:
+            try:
+                robustness, robustness_columns = read_robustness(args.robustness)
+            except (OSError, KeyError, csv.Error) as err:   # KeyError: a CSV without the checkpoint column
+                sys.exit(f'error: --robustness {args.robustness} is not a readable robustness.py CSV '
+                         f'({type(err).__name__}: {err}); write it with scripts/robustness.py --output FILE.csv')
+        groups = sort_groups(group_seeds(rows, robustness), args.sort)
+        print(groups_to_markdown(groups, robustness_columns), end='')
+    else:
+        print(to_markdown(rows), end='')
     if args.csv:
         try:
             write_csv(rows, args.csv)
