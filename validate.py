@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate models: top-1, top-5 and loss (and ImageNet-ReaL top-1/top-5), as JSON or CSV.
 
-    python validate.py --checkpoint output/quickstart_mixpro/model_best.pth.tar --data-dir data/digits
+    python validate.py --checkpoint output/quickstart/quickstart_mixpro_s42/model_best.pth.tar --data-dir data/digits
     python validate.py --checkpoint run_a/model_best.pth.tar run_b/model_best.pth.tar --occlusion 0 0.5
     python validate.py --model deit_small_patch16_224 --pretrained --data-dir /data/imagenet
     python validate.py --model deit_small_patch16_224 --checkpoint deit_small.pth --data-dir /data --split imagenet-a \\

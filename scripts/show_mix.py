@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Draw what the mixer does to validation images, with a trained model's class attention.
 
-    python scripts/show_mix.py --checkpoint output/quickstart_mixpro/model_best.pth.tar --data-dir data/digits \\
+    python scripts/show_mix.py --checkpoint output/quickstart/quickstart_mixpro_s42/model_best.pth.tar \\
+        --data-dir data/digits \\
         --output mix.png [--pairs 4] [--seed 0]
 
 One row per pair of validation images A and B: A, B, the MaskMix image (cells of B pasted into A, with the
