@@ -432,8 +432,8 @@ def _start_forkserver() -> None:
 def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     """timm's training transforms, random erasing and repeated-aug / distributed order, with the
     resumable ``EpochSampler``. ``--data-backend pillow``: timm's Pillow transforms in the workers (on CUDA
-    timm's prefetcher normalises and erases on the device); ``tensor``: the workers decode, crop and flip
-    uint8 tensors and draw RandAugment's parameters, the device augments (``DeviceAugmentLoader``)."""
+    ``DeviceAugmentLoader`` normalises and erases on the device, as timm's prefetcher does); ``tensor``: the
+    workers decode, crop and flip uint8 tensors and draw RandAugment's parameters, the device augments."""
     aug_repeats = args.aug_repeats
     if aug_repeats and not dist_info.distributed:
         # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
@@ -464,13 +464,9 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
         loader = _stream_train_loader(dataset, args, dist_info, collate)
     else:
         loader = _indexed_train_loader(dataset, args, dist_info, collate, aug_repeats)
-    if tensor:
-        return DeviceAugmentLoader(loader, data_config['mean'], data_config['std'], dist_info.device,
-                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    if prefetch:
-        loader = PrefetchLoader(loader, mean=data_config['mean'], std=data_config['std'],
-                                device=dist_info.device, re_prob=args.reprob, re_mode=args.remode,
-                                re_count=args.recount)
+    if tensor or prefetch:   # not timm's PrefetchLoader: its erasing one batch ahead would move the RNG
+        return DeviceAugmentLoader(loader, data_config['mean'], data_config['std'], dist_info.device,   # state a
+                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)    # save keeps
     return loader
 
 
@@ -552,8 +548,8 @@ def eval_loader(dataset, data_config: dict, batch_size: int, workers: int, dist_
     """Deterministic eval loader; under DDP each rank reads a disjoint shard (see ShardSampler). With
     ``prefetch`` (default: on CUDA, and always for the tensor backend) workers hand over uint8 images and
     timm's prefetcher normalises them on the device while the previous batch is evaluated, as in training.
-    ``data_backend`` tensor: torch decodes, resizes and crops ImageFolder files (others: Pillow)."""
-    tensor = data_backend == 'tensor' and hasattr(dataset, 'load_bytes')
+    ``data_backend`` tensor: torch decodes, resizes and centre-crops the files of an ImageFolder."""
+    tensor = data_backend == 'tensor'   # the callers ask for it for ImageFolder data only, as training does
     prefetch = tensor or (dist_info.device.type == 'cuda' if prefetch is None else prefetch)
     if tensor:
         read_as_tensors(dataset)

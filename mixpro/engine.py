@@ -157,7 +157,9 @@ class EpochMonitor:
 
     Data wait and compute: no device sync is added. On CUDA the host runs ahead of the device until
     something waits on it, so one step's split is not exact, but every log interval ends in a sync (the
-    non-finite check reads a device value), so totals over log intervals and over the epoch are honest."""
+    non-finite check reads a device value), so totals over log intervals and over the epoch are honest.
+    A device stage in the loader (``--data-backend tensor``) counts as data for the host time it takes to
+    launch, and as compute for its device time: its own cost is the benchmark's ``device_ms_per_batch``."""
 
     def __init__(self, epoch: int, steps: int, optimizer, *, device, start_step: int = 0, world_size: int = 1,
                  log_interval: int = 0, stop=None, recovery=None, recovery_interval: int = 0,

@@ -57,6 +57,45 @@ def setup_logging(rank: int = 0) -> None:
     handler.filters = [_PrimaryOnly(rank)]
 
 
+def truncate_summary(path: Path, start_epoch: int) -> None:
+    """Drop summary.csv's rows of epochs that will be trained again after a resume, and a last row a kill cut
+    off mid-write (no newline at its end: the next append would run on from it)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    cut = bool(lines) and not lines[-1].endswith('\n')
+    rows = list(csv.DictReader(lines[:-1] if cut else lines))
+    kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
+    if len(kept) == len(rows) and not cut:
+        return
+    text = io.StringIO(newline='')
+    if kept:
+        writer = csv.DictWriter(text, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    atomic_write_text(path, text.getvalue())   # rewritten whole, then renamed: never torn
+
+
+def complete_summary(run_dir: Path, start_epoch: int, summary: dict) -> None:
+    """summary.csv up to the epoch before ``start_epoch``, the last row written from the checkpoint's own copy
+    (``summary``) where a crash came between the checkpoint and the row."""
+    path = Path(run_dir) / 'summary.csv'
+    truncate_summary(path, start_epoch)
+    if path.exists() and any(row.get('epoch') == str(start_epoch - 1) for row in csv.DictReader(path.open())):
+        return
+    update_summary(start_epoch - 1, {'loss': summary['loss']}, _summary_columns(summary['evals']), str(path),
+                   lr=summary['lr'])
+
+
+def _summary_columns(evals: dict) -> dict:
+    """``{'eval': {'top1': ..}, 'eval_ema': {..}}`` -> summary.csv's columns (top1, ema_top1, ...)."""
+    flat = {}
+    for prefix, metrics in evals.items():
+        tag = prefix[len('eval'):].lstrip('_')
+        flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
+    return flat
+
+
 class RunLogger:
     """Primary-rank logging of one run folder."""
 
@@ -66,44 +105,9 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.summary = self.run_dir / 'summary.csv'
         self.wandb = WandbMirror(self.run_dir, **wandb) if wandb is not None else None
-        self._truncate_summary(start_epoch)
+        truncate_summary(self.summary, start_epoch)
         # purge_step: TensorBoard hides what earlier event files logged for the epochs trained again
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_epoch or None)
-
-    def _truncate_summary(self, start_epoch: int) -> None:
-        """Drop rows of epochs that will be trained again after a resume, and a last row a kill cut off
-        mid-write (no newline at its end: the next append would run on from it)."""
-        if not self.summary.exists():
-            return
-        lines = self.summary.read_text().splitlines(keepends=True)
-        cut = bool(lines) and not lines[-1].endswith('\n')
-        rows = list(csv.DictReader(lines[:-1] if cut else lines))
-        kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
-        if len(kept) == len(rows) and not cut:
-            return
-        text = io.StringIO(newline='')
-        if kept:
-            writer = csv.DictWriter(text, fieldnames=list(kept[0]))
-            writer.writeheader()
-            writer.writerows(kept)
-        atomic_write_text(self.summary, text.getvalue())   # rewritten whole, then renamed: never torn
-
-    def complete_summary(self, epoch: int, summary: dict) -> None:
-        """Write summary.csv's row of ``epoch`` from its checkpoint's ``summary`` where the row is missing."""
-        if self.summary.exists() and any(row.get('epoch') == str(epoch)
-                                         for row in csv.DictReader(self.summary.read_text().splitlines())):
-            return
-        update_summary(epoch, {'loss': summary['loss']}, self._flat(summary['evals']), str(self.summary),
-                       lr=summary['lr'])
-
-    @staticmethod
-    def _flat(evals: dict) -> dict:
-        """``{'eval': {'top1': ..}, 'eval_ema': {..}}`` -> summary.csv's columns (top1, ema_top1, ...)."""
-        flat = {}
-        for prefix, metrics in evals.items():
-            tag = prefix[len('eval'):].lstrip('_')
-            flat.update({(f'{tag}_{k}' if tag else k): v for k, v in metrics.items()})
-        return flat
 
     def log_epoch(self, epoch: int, train: dict, evals: dict, lr: float) -> None:
         """``evals`` maps a prefix (``eval``, ``eval_ema``) to ``{'loss', 'top1', 'top5'}``; values of None
@@ -123,7 +127,7 @@ class RunLogger:
         self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(epoch, scalars)
-        update_summary(epoch, {'loss': train['loss']}, self._flat(evals), str(self.summary), lr=lr)
+        update_summary(epoch, {'loss': train['loss']}, _summary_columns(evals), str(self.summary), lr=lr)
 
     def log_images(self, epoch: int, snapshot: dict, mean, std, class_names=None) -> None:
         """The first mixed images of the epoch with their labels, λ and class attention (mix_snapshot)."""

@@ -22,7 +22,7 @@ from .data import (build_dataset, class_index_of, dataset_size, eval_loader, is_
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .engine import EpochMonitor, TrainStep, current_lr, evaluate, train_one_epoch, updates_per_epoch
 from .finetune import load_initial_weights
-from .logger import RunLogger, format_eta, setup_logging
+from .logger import RunLogger, complete_summary, format_eta, setup_logging
 from .probe import patch_size
 from .run_folder import RunLock, StopRequest, broadcast_path, save_run_info, stop_when_orphaned
 from .state import TrainState, check_same_run, in_folder, pick_checkpoint
@@ -97,6 +97,8 @@ def run(args) -> dict:
         position = {'epoch': 0, 'step': 0, 'num_updates': 0, 'partial_means': None}
         if checkpoint:
             position = state.load_state_dict(checkpoint, checkpoint_path, per_epoch, stream=is_stream(train_set))
+            if primary and checkpoint.get('summary') and in_folder(checkpoint_path, run_dir):
+                complete_summary(run_dir, position['epoch'], checkpoint['summary'])   # a crash between the two
             if position['epoch'] >= num_epochs:
                 return finished_run(position['epoch'], checkpoint, checkpoint_path, run_dir)
             _logger.info(f"resumed from {checkpoint_path} at epoch {position['epoch']}"
@@ -109,8 +111,6 @@ def run(args) -> dict:
         if primary:
             save_run_info(run_dir, args, dist_info.world_size, checkpoint_path)
             logger = stack.enter_context(RunLogger(run_dir, position['epoch'], wandb=wandb_settings(args)))
-            if checkpoint.get('summary') and not position['step']:   # a crash came between checkpoint and row
-                logger.complete_summary(position['epoch'] - 1, checkpoint['summary'])
             keeper = checkpoint_keeper(run_dir, args, checkpoint, checkpoint_path, lower_is_better)
             _logger.info(f'{args.model} / {args.mix_method}: {num_classes} classes, {_count(train_set)} train and '
                          f'{_count(val_set)} val images, lr {lr:.3e}, world size {dist_info.world_size}, '
@@ -251,7 +251,8 @@ def build_loaders(args, train_set, val_set, data_config: dict, dist_info: DistIn
         raise ConfigError(f'{split} has {dataset_size(train_set)} images, fewer than '
                           f'one batch of {args.batch_size} per process: lower --batch-size')
     val_loader = eval_loader(val_set, data_config, args.validation_batch_size or args.batch_size,
-                             args.workers, dist_info, args.pin_mem, data_backend=args.data_backend)
+                             args.workers, dist_info, args.pin_mem,
+                             data_backend='pillow' if args.dataset else args.data_backend)   # files of a folder
     return loader, val_loader
 
 

@@ -274,8 +274,8 @@ def build_eval_data(args, loaded: LoadedModel, dist_info):
     if real_labels:   # the model, also counting ReaL hits of each image (by its file name)
         model = RealLabelScorer(model, real_label_sets(dataset, read_real_labels(real_labels), real_labels))
     data_config = _data_config(args, loaded)
-    loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info,   # as the run evaluated
-                         data_backend=trained.get('data_backend', 'pillow'))
+    backend = 'pillow' if dataset_name else trained.get('data_backend', 'pillow')   # as the run evaluated
+    loader = eval_loader(dataset, data_config, args.batch_size, args.workers, dist_info, data_backend=backend)
     split = f'{dataset_name}:{split_name}' if dataset_name else str(Path(data_dir) / split_name)
     return loader, model, data_config, split
 
