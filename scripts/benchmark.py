@@ -533,12 +533,10 @@ def loader_rate(loader, batches, device) -> float:
 
 
 def device_stage_ms(loader, batch, device, repeats):
-    """ms per batch of ``loader``'s device stage alone, run on ``batch`` (already on the device) by the
-    loader's own code: for ``DeviceAugmentLoader`` RandAugment from the batch's parameters, normalisation and
-    random erasing; for timm's ``PrefetchLoader`` (Pillow on CUDA) normalisation and random erasing. None
-    when there is none: Pillow on the CPU normalises and erases in the workers' transform."""
-    from timm.data.loader import PrefetchLoader
-    if not isinstance(loader, (DeviceAugmentLoader, PrefetchLoader)):
+    """ms per batch of ``loader``'s device stage alone (``DeviceAugmentLoader``), run on ``batch`` by the
+    loader's own code: RandAugment from the batch's parameters (tensor backend), normalisation and random
+    erasing. None when there is none: Pillow on the CPU normalises and erases in the workers' transform."""
+    if not isinstance(loader, DeviceAugmentLoader):
         return None
     stage = copy.copy(loader)   # the same mean, std and erasing, fed one cached batch
     stage.loader = [batch]
