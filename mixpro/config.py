@@ -39,10 +39,9 @@ class KeyValueAction(argparse.Action):
     ParseKwargs it adds to a recipe's dict instead of replacing it, and names a pair without '='."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if values == ['none']:   # drop a recipe's keyword arguments (e.g. for another --model)
-            setattr(namespace, self.dest, {})
-            return
         kwargs = dict(getattr(namespace, self.dest, None) or {})   # merge into the recipe's, not replace
+        if values[:1] == ['none']:   # drop the recipe's keyword arguments first (e.g. for another --model)
+            kwargs, values = {}, values[1:]
         for item in values:
             key, sep, value = item.partition('=')
             if not sep:
@@ -406,7 +405,8 @@ def parse_train_args(argv: Optional[List[str]] = None, check_machine: bool = Tru
                           f'(--lr none: the batch-scaled lr_base instead)')
     if recipe.get('model_kwargs') and args.model != recipe.get('model') and '--model-kwargs' not in given:
         _logger.info(f"note: --model {args.model} is built with the recipe's model_kwargs {recipe['model_kwargs']} "
-                     f'(made for {recipe.get("model")}); --model-kwargs none drops them')
+                     f'(made for {recipe.get("model")}); --model-kwargs none drops them (its --mask-cell and '
+                     f'--img-size may need changing too)')
     if args.experiment is None:
         args.experiment = Path(args.config).stem if args.config else f'{args.model}_{args.mix_method}'
     if args.aa in ('none', ''):

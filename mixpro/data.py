@@ -437,11 +437,11 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
     aug_repeats = args.aug_repeats
     if aug_repeats and not dist_info.distributed:
         # timm's repeated-augmentation sampler spreads the copies over ranks: it needs DDP
-        _logger.info(f'aug_repeats={aug_repeats} needs more than one process (torchrun); training without it')
+        _logger.info(f'note: --aug-repeats {aug_repeats} needs more than one process (torchrun); training without it')
         aug_repeats = 0
     if aug_repeats and is_stream(dataset):
-        _logger.info(f'aug_repeats={aug_repeats} needs random access to the images; --dataset {args.dataset} is '
-                     f'a stream: training without it')
+        _logger.info(f'note: --aug-repeats {aug_repeats} needs random access to the images; --dataset '
+                     f'{args.dataset} is a stream: training without it')
         aug_repeats = 0
     prefetch = dist_info.device.type == 'cuda'
     transform = create_transform(
@@ -450,6 +450,8 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
     tensor = args.data_backend == 'tensor' and _tensor_backend_can_train(args, transform)
+    if args.data_backend == 'tensor' and not tensor:
+        args.data_backend = 'pillow'   # what the run trains with, as config.yaml records it
     if tensor:
         read_as_tensors(dataset)
         dataset.transform = TensorTrainTransform(

@@ -103,7 +103,11 @@ class TrainState:
             self.ema.module.load_state_dict(state['state_dict_ema'])
         epoch, step = self._start_position(state, stream)
         num_updates = epoch * updates_per_epoch + step // args.grad_accum_steps
-        saved_epochs = state['args'].get('epochs', args.epochs)
+        saved = state['args']
+        precision = [f"{'amp ' + a.get('amp_dtype', '') if a.get('amp') else 'float32'}" for a in (saved, vars(args))]
+        if precision[0] != precision[1]:
+            _logger.info(f'note: this run trained in {precision[0]} and goes on in {precision[1]} (--amp, --amp-dtype)')
+        saved_epochs = saved.get('epochs', args.epochs)
         if saved_epochs == args.epochs:
             self.scheduler.load_state_dict(state['scheduler'])
         else:   # timm's way: the schedule built for the new length, moved to where the run stands

@@ -141,10 +141,10 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
             raise ConfigError(f'--pretrained with {checkpoint}: a train.py checkpoint carries its own weights')
         if args.model_kwargs:
             raise ConfigError(f'--model-kwargs with {checkpoint}: a train.py checkpoint rebuilds its own model '
-                              f'(the option is for --model weights)')
+                              f'(the option is for weights without a train.py run)')
         if args.num_classes and args.num_classes != state['num_classes']:
             raise ConfigError(f"--num-classes {args.num_classes} with {checkpoint}: a train.py checkpoint has its "
-                              f"own class count ({state['num_classes']}; the option is for --model weights)")
+                              f"own class count ({state['num_classes']}; the option is for weights without a train.py run)")
         model, options, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
                                                              args.img_size)
         if args.class_map:

@@ -102,7 +102,7 @@ echo "   clean / occlusion R: top-1 % of each run's model_best as it is / with a
 run "$py" scripts/compare_runs.py "${runs[@]}" --group-seeds --robustness "$robustness"
 cat <<EOF
 
-What these numbers can and cannot show: a tiny ViT trained for 15 epochs (the recipes' default) on
+What these numbers can and cannot show: a tiny ViT trained for a few epochs (the recipes: 15) on
 1.4k digits of 32 px is far from the paper's regime (ImageNet, 300 epochs), and one recipe's top-1 moves
 by several points from seed to seed (see the std and [min–max]), so the table shows that the pipeline
 works end to end, not which recipe is better. The paper's comparison is scripts/table1.py's Table 1.

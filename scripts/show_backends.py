@@ -184,7 +184,7 @@ def show_backends(output, seed: int = 0, data_dir=None, count: int = 4, recipe='
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output', default='docs/backends.png')
+    parser.add_argument('--output', required=True, help='the picture (docs/backends.png is made with the defaults)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the per-sample seeds, as a run seeds its epoch')
     parser.add_argument('--data-dir', default=None, help="an ImageFolder root whose first train images to show")
     parser.add_argument('--images', type=int, default=4, help='samples (rows)')

@@ -85,6 +85,8 @@ SBATCH_SHORT = {'-J': '--job-name', '-N': '--nodes', '-c': '--cpus-per-task', '-
                 '-A': '--account', '-q': '--qos', '-o': '--output'}
 SLURM_ONLY = ('--partition', '--account', '--qos', '--time', '--sbatch-header', '--python')
 PLAN_OWNED = ('--config', '-c', '--experiment', '--output', '--data-dir')
+# what a Table-1 run is: after --, these would train something else into the recipe-named folders
+RECIPE_OWNED = ('--model', '--model-kwargs', '--mix-method', '--epochs', '--img-size', '--num-classes', '--dataset')
 
 
 class Run(NamedTuple):
@@ -195,6 +197,11 @@ def check_train_options(configs: list, options: list) -> dict:
     if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
         sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (each run is its recipe, in the '
                  f'folder named after it; --data-dir and --output are options of plan itself, before --)')
+    defining = [flag for flag in RECIPE_OWNED for option in options
+                if option == flag or option.startswith(flag + '=')]
+    if defining:   # a smoke test with -- --epochs 1 would fill the folders the real runs resume from
+        sys.exit(f'error: {defining[0]} after -- changes what a Table-1 run is, in its recipe-named folder: '
+                 f'train such a run with train.py and its own --experiment')
     resolved = {}
     try:
         for config in configs:   # recipes differ (e.g. PVT and CA-Swin train without an EMA)

@@ -31,6 +31,8 @@ def test_another_model_than_the_recipes_names_the_recipes_model_kwargs(capsys):
     assert "recipe's model_kwargs" in out and '--model-kwargs none' in out and args.model_kwargs
     args = parse_train_args(['--config', QUICKSTART, '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'none'])
     assert args.model_kwargs == {} and 'model_kwargs' not in capsys.readouterr().out
+    both = parse_train_args(['--config', QUICKSTART, '--model-kwargs', 'none', 'depth=2'])   # drop, then set
+    assert both.model_kwargs == {'depth': 2}
     same = parse_train_args(['--config', QUICKSTART])
     assert same.model_kwargs and 'model_kwargs' not in capsys.readouterr().out
 

@@ -84,8 +84,9 @@ def test_a_crash_between_checkpoint_and_summary_row_loses_no_row(data_dir, tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_resumes_at_another_precision(data_dir, tmp_path):
+def test_a_run_resumes_at_another_precision(data_dir, tmp_path, capsys):
     train.main(train_args(data_dir, tmp_path, 'run', 'mixpro', 1, '--amp', '--amp-dtype', 'float16'))
+    capsys.readouterr()
     result = train.main(train_args(data_dir, tmp_path, 'run', 'mixpro', 2, '--no-amp'))
-    assert result['epoch'] == 1
+    assert result['epoch'] == 1 and 'trained in amp float16 and goes on in float32' in capsys.readouterr().out
     assert load_state(tmp_path / 'run' / 'last.pth.tar')['args']['amp'] is False

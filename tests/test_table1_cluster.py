@@ -210,3 +210,11 @@ def test_help_names_every_plan_option_on_one_line(capsys, monkeypatch):
         # the option, its metavar, then its help on the same line
         assert any(re.match(rf'  {option}( [A-Z]+)?  +\S', line) for line in lines), option
     assert any('--grad-accum-steps' in line for line in lines)
+
+
+@pytest.mark.parametrize('option', [['--epochs', '1'], ['--mix-method=mixpro'], ['--model', 'vit_tiny_patch16_224']])
+def test_options_that_change_what_a_run_is_are_refused_after_the_dashes(tmp_path, option):
+    with pytest.raises(SystemExit) as err:
+        table1.main(['plan', '--data-dir', '/d', '--slurm', str(tmp_path / 'jobs'), '--', *option])
+    assert option[0].split('=')[0] in str(err.value) and 'own --experiment' in str(err.value)
+    assert not (tmp_path / 'jobs').exists()

@@ -63,6 +63,7 @@ def test_options_the_tensor_backend_cannot_train_fall_back_to_pillow_with_a_note
                           '--epochs', '1'))
     out = capsys.readouterr().out
     assert 'tensor cannot train with' in out and phrase in out and 'training with pillow' in out
+    assert 'data_backend: pillow' in (tmp_path / 'run' / 'config.yaml').read_text()   # what it trained with
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU default')
