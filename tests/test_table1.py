@@ -67,7 +67,7 @@ def test_options_after_two_dashes_reach_every_run_and_typos_stop_the_plan(tmp_pa
     for refused, message in ((['--compile-mixer', 'nope'], 'is not a torch.compile backend'),
                              (['--experiment', 'all'], 'set by the plan for each run'),
                              (['--output=/elsewhere'], 'set by the plan for each run'),
-                             (['--epochs', 'abc'], "refused with .*--epochs: invalid int value: 'abc'$"),
+                             (['--log-interval', 'abc'], "refused with .*--log-interval: invalid int value: 'abc'$"),
                              # fine for DeiT, refused for the recipes without an EMA (PVT, CA-Swin)
                              (['--eval-metric', 'ema_top1'], 'refused with .*(pvt|ca_swin)_.*--model-ema')):
         with pytest.raises(SystemExit, match=message):
