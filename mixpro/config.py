@@ -462,25 +462,25 @@ def check_values(args: argparse.Namespace, parser: Optional[argparse.ArgumentPar
     if args.eval_metric.startswith('ema_') and not args.model_ema:
         raise ConfigError(f'--eval-metric {args.eval_metric} ranks by the EMA weights: it needs --model-ema')
     _check_compile(args)
+    if args.sched == 'multistep' and min(args.decay_milestones) >= args.epochs:
+        _logger.info(f'note: --sched multistep never decays in {args.epochs} epochs: --decay-milestones '
+                     f'{" ".join(map(str, args.decay_milestones))} are all at or after the end')
     if not check_machine:
         return
     _check_output(args)
     check_device(args.device)
-    if args.sync_bn and _device(args).type != 'cuda':
+    device = _device(args).type
+    if args.sync_bn and device != 'cuda':
         raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only (on CPU, --dist-bn "
                           "reduce averages the BatchNorm statistics over processes after each epoch)")
     if args.log_wandb:
         require_wandb()
     elif args.wandb_project not in (None, DEFAULT_WANDB_PROJECT):
         _logger.info(f'note: --wandb-project {args.wandb_project} logs nothing without --log-wandb')
-    device = _device(args).type
     if args.compile_mixer and (args.mix_method not in ('maskmix', 'mixpro') or
                                (device == 'cpu' and args.mix_method == 'maskmix')):
         _logger.info(f"note: --compile-mixer compiles nothing for {args.mix_method} on {device}: it compiles "
                      f"MaskMix's composition off the CPU and the PAL label of mixpro")
-    if args.sched == 'multistep' and min(args.decay_milestones) >= args.epochs:
-        _logger.info(f'note: --sched multistep never decays in {args.epochs} epochs: --decay-milestones '
-                     f'{" ".join(map(str, args.decay_milestones))} are all at or after the end')
 
 
 def check_value(key: str, value, name: str) -> None:

@@ -13,10 +13,10 @@ their loader workers, an epoch has a known number of steps (``num_samples`` from
 stopped mid-epoch redoes that epoch from its first step, and evaluation deals whole shards to the ranks so
 that every image is counted exactly once.
 """
-import logging
 import atexit
 import dataclasses
 import importlib.util
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util  # noqa: F401  (its exit hook, registered before ours)
@@ -449,15 +449,17 @@ def train_loader(dataset, data_config: dict, args, dist_info: DistInfo):
         vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
         interpolation=args.train_interpolation, mean=data_config['mean'], std=data_config['std'],
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
-    tensor = args.data_backend == 'tensor' and _tensor_backend_can_train(args, transform)
-    if args.data_backend == 'tensor' and not tensor:
-        args.data_backend = 'pillow'   # what the run trains with, as config.yaml records it
+    if args.data_backend == 'tensor':
+        aug_params, why = _tensor_aug_params(args, transform)
+        if why:
+            _logger.info(f'note: --data-backend tensor cannot train with {why}; training with pillow')
+            args.data_backend = 'pillow'   # what the run trains with, as config.yaml records it
+    tensor = args.data_backend == 'tensor'
     if tensor:
         read_as_tensors(dataset)
         dataset.transform = TensorTrainTransform(
             data_config['input_size'], scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
-            interpolation=args.train_interpolation,
-            aug_params=RandAugmentParams(_rand_augment_of(transform)) if args.aa else None)
+            interpolation=args.train_interpolation, aug_params=aug_params)
         collate = tensor_collate
     else:
         dataset.transform = _with_rgb(dataset, transform)
@@ -477,29 +479,22 @@ def _rand_augment_of(transform):
     return next((t for t in getattr(transform, 'transforms', []) if isinstance(t, RandAugment)), None)
 
 
-def _tensor_backend_can_train(args, transform) -> bool:
-    """Whether the tensor backend does what these options ask; where not, a note names the option and the
-    run trains with Pillow."""
-    why = None
+def _tensor_aug_params(args, transform):
+    """(the RandAugment parameter sampler for the tensor backend, None without --aa; why the tensor backend
+    cannot train these options, None where it can)."""
     if args.dataset:
-        why = f'--dataset {args.dataset}: it reads ImageFolder files'
-    elif args.color_jitter and not (args.aa and '3a' not in args.aa):   # timm jitters colour without RandAugment
-        why = f'--color-jitter {args.color_jitter} (colour jitter runs on Pillow only)'
-    elif args.aa:
-        rand_augment = _rand_augment_of(transform)
-        why = f'--aa {args.aa}: {unsupported_reason(args.aa) or "not a RandAugment policy"}' \
-            if rand_augment is None else _params_refusal(args.aa, rand_augment)
-    if why:
-        _logger.info(f'note: --data-backend tensor cannot train with {why}; training with pillow')
-    return why is None
-
-
-def _params_refusal(aa: str, rand_augment) -> Optional[str]:
+        return None, f'--dataset {args.dataset}: it reads ImageFolder files'
+    if args.color_jitter and not (args.aa and '3a' not in args.aa):   # timm jitters colour without RandAugment
+        return None, f'--color-jitter {args.color_jitter} (colour jitter runs on Pillow only)'
+    if not args.aa:
+        return None, None
+    rand_augment = _rand_augment_of(transform)
+    if rand_augment is None:   # AugMix, AutoAugment
+        return None, f'--aa {args.aa}: {unsupported_reason(args.aa) or "not a RandAugment policy"}'
     try:
-        RandAugmentParams(rand_augment)
-    except ValueError as err:
-        return f'--aa {aa}: {err}'
-    return None
+        return RandAugmentParams(rand_augment), None
+    except ValueError as err:   # an op without a device version
+        return None, f'--aa {args.aa}: {err}'
 
 
 def _indexed_train_loader(dataset, args, dist_info: DistInfo, collate, aug_repeats: int):

@@ -81,7 +81,8 @@ def complete_summary(run_dir: Path, start_epoch: int, summary: dict) -> None:
     (``summary``) where a crash came between the checkpoint and the row."""
     path = Path(run_dir) / 'summary.csv'
     truncate_summary(path, start_epoch)
-    if path.exists() and any(row.get('epoch') == str(start_epoch - 1) for row in csv.DictReader(path.open())):
+    rows = csv.DictReader(path.read_text().splitlines()) if path.exists() else []
+    if any(row.get('epoch') == str(start_epoch - 1) for row in rows):
         return
     update_summary(start_epoch - 1, {'loss': summary['loss']}, _summary_columns(summary['evals']), str(path),
                    lr=summary['lr'])

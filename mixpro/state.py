@@ -104,9 +104,9 @@ class TrainState:
         epoch, step = self._start_position(state, stream)
         num_updates = epoch * updates_per_epoch + step // args.grad_accum_steps
         saved = state['args']
-        precision = [f"{'amp ' + a.get('amp_dtype', '') if a.get('amp') else 'float32'}" for a in (saved, vars(args))]
-        if precision[0] != precision[1]:
-            _logger.info(f'note: this run trained in {precision[0]} and goes on in {precision[1]} (--amp, --amp-dtype)')
+        if _precision(saved) != _precision(vars(args)):
+            _logger.info(f'note: this run trained in {_precision(saved)} and goes on in {_precision(vars(args))} '
+                         f'(--amp, --amp-dtype)')
         saved_epochs = saved.get('epochs', args.epochs)
         if saved_epochs == args.epochs:
             self.scheduler.load_state_dict(state['scheduler'])
@@ -179,6 +179,10 @@ class TrainState:
             buffers = dict(self.ema.module.named_buffers())
             for name, value in state['ema_bn'].items():
                 buffers[name].copy_(value)
+
+
+def _precision(options: dict) -> str:
+    return f"amp {options.get('amp_dtype')}" if options.get('amp') else 'float32'
 
 
 def bn_statistics(model) -> dict:

@@ -253,11 +253,12 @@ def read_as_tensors(dataset):
 
 
 class DeviceAugmentLoader:
-    """The tensor backend's device stage around a loader of ``tensor_collate`` batches: each batch moved to
-    ``device`` (pinned memory, no wait), RandAugment applied per sample from the worker-drawn parameters,
-    then timm's prefetcher's work: normalisation and random erasing. Yields ``(float images, targets)``.
-    On the CPU it runs in the training process. The parameters were drawn in the workers from each
-    sample's seeded generators, so a resumed run augments as an uninterrupted one does."""
+    """The device stage around a loader of uint8 batches (``tensor_collate``, or ``fast_collate`` for Pillow
+    on CUDA): each batch moved to ``device`` (pinned memory, no wait), RandAugment applied per sample from
+    the worker-drawn parameters where the batch has them, then timm's prefetcher's work: normalisation and
+    random erasing, done when the batch is handed on (not one batch ahead), so the random state a
+    mid-epoch save keeps is the next step's. Yields ``(float images, targets)``; on the CPU it runs in the
+    training process."""
 
     def __init__(self, loader, mean, std, device: torch.device, re_prob: float = 0.0, re_mode: str = 'pixel',
                  re_count: int = 1):

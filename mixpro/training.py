@@ -82,8 +82,9 @@ def run(args) -> dict:
         loader, val_loader = build_loaders(args, train_set, val_set, data_config, dist_info)
         stack.callback(stop_workers, loader, val_loader)   # also after an error: exit would wait on them forever
         per_epoch = updates_per_epoch(len(loader), args.grad_accum_steps)
-        lr, optimizer, scheduler, num_epochs = build_optimization(args, model, dist_info.world_size, per_epoch)
-        lower_is_better = args.eval_metric.endswith('loss')
+        lower_is_better = args.eval_metric.endswith('loss')   # --eval-metric: a loss ranks lowest first
+        lr, optimizer, scheduler, num_epochs = build_optimization(args, model, dist_info.world_size, per_epoch,
+                                                                  lower_is_better)
 
         checkpoint = read_run_checkpoint(checkpoint_path, args, class_to_idx, run_dir)
         if not checkpoint:   # a new run may start from given weights (in place, before the EMA copies them)
@@ -207,7 +208,7 @@ def mixing_options(args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def build_optimization(args, model, world_size: int, updates_per_epoch: int):
+def build_optimization(args, model, world_size: int, updates_per_epoch: int, lower_is_better: bool):
     """(lr, optimizer, scheduler, epochs with cooldown) from the options."""
     lr = resolve_lr(args.lr, lr_base=args.lr_base, lr_base_size=args.lr_base_size, lr_base_scale=args.lr_base_scale,
                     global_batch=args.batch_size * world_size * args.grad_accum_steps)
@@ -219,7 +220,7 @@ def build_optimization(args, model, world_size: int, updates_per_epoch: int):
                                  opt_kwargs=args.opt_kwargs)
     scheduler, epochs = create_scheduler(
         optimizer, sched=args.sched, epochs=args.epochs, updates_per_epoch=updates_per_epoch,
-        on_updates=args.sched_on_updates, lower_is_better=args.eval_metric.endswith('loss'),
+        on_updates=args.sched_on_updates, lower_is_better=lower_is_better,
         decay_epochs=args.decay_epochs, decay_milestones=args.decay_milestones, decay_rate=args.decay_rate,
         patience_epochs=args.patience_epochs, cooldown_epochs=args.cooldown_epochs, min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, warmup_prefix=args.warmup_prefix)

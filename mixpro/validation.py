@@ -144,7 +144,8 @@ def load_model(args, checkpoint: Optional[str]) -> LoadedModel:
                               f'(the option is for weights without a train.py run)')
         if args.num_classes and args.num_classes != state['num_classes']:
             raise ConfigError(f"--num-classes {args.num_classes} with {checkpoint}: a train.py checkpoint has its "
-                              f"own class count ({state['num_classes']}; the option is for weights without a train.py run)")
+                              f"own class count ({state['num_classes']}; the option is for weights without a "
+                              f"train.py run)")
         model, options, class_to_idx = _model_from_run_state(state, checkpoint, args.model, args.use_ema,
                                                              args.img_size)
         if args.class_map:

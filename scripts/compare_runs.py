@@ -238,14 +238,15 @@ def collect_runs(paths):
     return [collect_run(folder) for folder in expand_paths(paths)]
 
 
-def sort_rows(rows, key):
+def sort_rows(rows, key, name='run', number=lambda row, field: row[field]):
+    """Rows (runs, or groups of seeds: ``name`` their name field, ``number(row, field)`` their value) by
+    ``--sort``: best first, rows without the number last."""
     if key in (None, 'none'):
         return list(rows)
     if key == 'name':
-        return sorted(rows, key=lambda r: r['run'])
+        return sorted(rows, key=lambda r: r[name])
     field = SORT_KEYS[key]
-    # best first; runs without the number go last
-    return sorted(rows, key=lambda r: (r[field] is None, -(r[field] or 0.0)))
+    return sorted(rows, key=lambda r: (number(r, field) is None, -(number(r, field) or 0.0)))
 
 
 def _fmt(value, digits=2):
@@ -339,17 +340,10 @@ def spread(values, with_range=True):
     return text + (f' [{min(values):.1f}–{max(values):.1f}]' if with_range else '')
 
 
-def sort_groups(groups, key):
-    if key in (None, 'none'):
-        return list(groups)
-    if key == 'name':
-        return sorted(groups, key=lambda g: g['group'])
-    field = SORT_KEYS[key]
-
-    def mean(group):
-        values = group['values'].get(field)
-        return statistics.mean(values) if values else None
-    return sorted(groups, key=lambda g: (mean(g) is None, -(mean(g) or 0.0)))   # best mean first
+def group_mean(group, field):
+    """A group's mean over its seeds of ``field`` (None where no run has it)."""
+    values = group['values'].get(field)
+    return statistics.mean(values) if values else None
 
 
 def groups_to_markdown(groups, robustness_columns=()):
@@ -409,7 +403,7 @@ def main(argv=None):
             except (OSError, KeyError, csv.Error) as err:   # KeyError: a CSV without the checkpoint column
                 sys.exit(f'error: --robustness {args.robustness} is not a readable robustness.py CSV '
                          f'({type(err).__name__}: {err}); write it with scripts/robustness.py --output FILE.csv')
-        groups = sort_groups(group_seeds(rows, robustness), args.sort)
+        groups = sort_rows(group_seeds(rows, robustness), args.sort, name='group', number=group_mean)
         print(groups_to_markdown(groups, robustness_columns), end='')
     else:
         print(to_markdown(rows), end='')

@@ -185,6 +185,11 @@ def check_plan_options(args) -> None:
     args.header_lines = read_sbatch_header(args.sbatch_header) if args.sbatch_header else []
 
 
+def _given(flags, options: list) -> list:
+    """The ``flags`` among the command-line ``options`` (``--flag value`` or ``--flag=value``)."""
+    return [flag for flag in flags for option in options if option == flag or option.startswith(flag + '=')]
+
+
 def check_train_options(configs: list, options: list) -> dict:
     """Stop on train.py options it would refuse with any of the plan's recipes, before 42 jobs are written or
     submitted (what depends on the machine, such as a GPU or the wandb package, is left to the jobs: this may
@@ -193,12 +198,11 @@ def check_train_options(configs: list, options: list) -> dict:
         sys.path.insert(0, str(REPO))
     from mixpro.config import ConfigError, parse_train_args
     given = ' '.join(options)
-    owned = [flag for flag in PLAN_OWNED for option in options if option == flag or option.startswith(flag + '=')]
+    owned = _given(PLAN_OWNED, options)
     if owned:   # each run has its own recipe and folder; the data and output folders are the plan's options
         sys.exit(f'error: {owned[0]} after -- is set by the plan for each run (each run is its recipe, in the '
                  f'folder named after it; --data-dir and --output are options of plan itself, before --)')
-    defining = [flag for flag in RECIPE_OWNED for option in options
-                if option == flag or option.startswith(flag + '=')]
+    defining = _given(RECIPE_OWNED, options)
     if defining:   # a smoke test with -- --epochs 1 would fill the folders the real runs resume from
         sys.exit(f'error: {defining[0]} after -- changes what a Table-1 run is, in its recipe-named folder: '
                  f'train such a run with train.py and its own --experiment')

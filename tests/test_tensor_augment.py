@@ -238,12 +238,17 @@ def test_recipe_distributions():
 # (d) batched application: per-sample ops, same result as one sample at a time
 
 
-def test_batch_equals_one_at_a_time():
+def drawn_batch(seed, height, width, count=64):
+    """``count`` natural images and their RandAugment parameters, drawn from seeded RNGs."""
     sampler = RandAugmentParams.from_string('rand-m9-mstd0.5-inc1-p0.9', HPARAMS)
-    random.seed(3)
-    np.random.seed(3)
-    params = torch.stack([sampler() for _ in range(64)])
-    images = torch.stack([to_tensor(natural_image(20, 24, seed=i)) for i in range(64)])
+    random.seed(seed)
+    np.random.seed(seed)
+    params = torch.stack([sampler() for _ in range(count)])
+    return torch.stack([to_tensor(natural_image(height, width, seed=i)) for i in range(count)]), params
+
+
+def test_batch_equals_one_at_a_time():
+    images, params = drawn_batch(3, 20, 24)
     batched = apply_rand_augment(images, params)
     singles = torch.cat([apply_rand_augment(images[i:i + 1], params[i:i + 1]) for i in range(64)])
     assert torch.equal(batched, singles)
@@ -331,9 +336,5 @@ def test_sampler_pickles_for_spawned_workers():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_equals_cpu():
-    sampler = RandAugmentParams.from_string('rand-m9-mstd0.5-inc1-p0.9', HPARAMS)
-    random.seed(4)
-    np.random.seed(4)
-    params = torch.stack([sampler() for _ in range(64)])
-    images = torch.stack([to_tensor(natural_image(64, 64, seed=i)) for i in range(64)])
+    images, params = drawn_batch(4, 64, 64)
     assert torch.equal(apply_rand_augment(images.cuda(), params).cpu(), apply_rand_augment(images, params))
